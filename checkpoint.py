@@ -1,0 +1,101 @@
+"""Saving, loading and finding checkpoints: the one owner every script goes through.
+
+A checkpoint is `$LOG_DIR/model_{step:05d}.pt`, the state after update `step`. It holds only
+tensors and plain Python values, so every reader uses `torch.load(weights_only=True)`: a file that
+would run code when unpickled is refused instead of executed.
+"""
+
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+
+from env import UserError, env_str
+from model import GPT, GPTConfig
+
+NAME = re.compile(r"^model_(\d{5,})\.pt$")
+
+
+def checkpoint_path(log_dir, step):
+    return os.path.join(log_dir, f"model_{step:05d}.pt")
+
+
+def list_checkpoints(log_dir):
+    """(step, path) of every checkpoint in log_dir, oldest first."""
+    if not os.path.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), os.path.join(log_dir, name)) for name in os.listdir(log_dir) if (m := NAME.match(name))]
+    return sorted(found)
+
+
+def latest_checkpoint(log_dir):
+    """Path of the newest (largest step) checkpoint in log_dir, or None."""
+    found = list_checkpoints(log_dir)
+    return found[-1][1] if found else None
+
+
+def save(state, path):
+    """Write to a temporary name, then rename: a crash mid-write never leaves a broken model_*.pt."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def prune(log_dir, keep):
+    """Delete all but the newest `keep` checkpoints of this run's naming scheme."""
+    for _, path in list_checkpoints(log_dir)[:-keep] if keep > 0 else []:
+        os.remove(path)
+
+
+def load(path):
+    """The checkpoint's dictionary, on the CPU. Anything that is not one of ours is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
+        raise UserError(f"{path} is not a safe checkpoint (refused to unpickle: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {error})".splitlines()[0]) from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
+    return state
+
+
+def build_model(state, path="checkpoint"):
+    """A GPT with the checkpoint's shape and weights (on the CPU, in float32)."""
+    try:
+        config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE})
+        model = GPT(config)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path} does not hold a GPT model this code can load: {str(error).splitlines()[0]}") from None
+    return model
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on `device`, checkpoint dictionary)."""
+    state = load(path)
+    model = build_model(state, path).to(device).eval()
+    return model, state
+
+
+def model_path_from_env():
+    """The checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH, else the newest in LOG_DIR."""
+    path = env_str("TESTING_MODEL_PATH", None)
+    if path:
+        return path
+    log_dir = env_str("LOG_DIR", "log")
+    path = latest_checkpoint(log_dir)
+    if path is None:
+        raise UserError(f"no checkpoint in {log_dir}/: train one with train.py, or set TESTING_MODEL_PATH")
+    return path

@@ -1,0 +1,281 @@
+"""The GPT-2 model: one module, read top to bottom.
+
+Parameter names follow nanoGPT (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`,
+..., `lm_head.weight`), so checkpoints interoperate with tools that read nanoGPT's, and the
+architecture is OpenAI's GPT-2 exactly, so Hugging Face's `GPT2LMHeadModel` converts both ways.
+"""
+
+import inspect
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from env import UserError, env_float, env_int
+
+# GPT-2's real vocabulary: 50,000 BPE merges + 256 bytes + <|endoftext|>. VOCAB_SIZE defaults to
+# 50304 (a multiple of 128, faster matmuls); rows from 50257 up are padding no text ever uses, so
+# everything that samples or scores looks at the first GPT2_VOCAB_SIZE logits only.
+GPT2_VOCAB_SIZE = 50257
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the learned position table covers
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0  # 0 for pretraining; a little helps when fine-tuning
+
+    SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+
+    @classmethod
+    def from_env(cls):
+        config = cls(
+            block_size=env_int("BLOCK_SIZE", cls.block_size),
+            vocab_size=env_int("VOCAB_SIZE", cls.vocab_size),
+            n_layer=env_int("N_LAYER", cls.n_layer),
+            n_head=env_int("N_HEAD", cls.n_head),
+            n_embd=env_int("N_EMBD", cls.n_embd),
+            dropout=env_float("DROPOUT", cls.dropout),
+        )
+        if config.n_embd % config.n_head != 0:
+            raise UserError(f"N_EMBD ({config.n_embd}) must be divisible by N_HEAD ({config.n_head})")
+        if config.dropout >= 1:
+            raise UserError(f"DROPOUT must be below 1, got {config.dropout}")
+        return config
+
+    def shape(self):
+        """The five fields that fix the weights' shapes (what a checkpoint records)."""
+        return {name: getattr(self, name) for name in self.SHAPE}
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, so a new token attends to the prefix without
+    recomputing it. Allocated on first use, in the dtype the attention actually produces."""
+
+    def __init__(self, config, batch_size):
+        self.config = config
+        self.batch_size = batch_size
+        self.length = 0  # tokens already stored
+        self.kv = None
+
+    def append(self, layer, k, v):
+        """Store this layer's new keys/values and return all of them so far."""
+        if self.kv is None:
+            n_head, head_dim = k.size(1), k.size(3)
+            shape = (self.config.n_layer, 2, self.batch_size, n_head, self.config.block_size, head_dim)
+            self.kv = torch.empty(shape, dtype=k.dtype, device=k.device)
+        end = self.length + k.size(2)
+        self.kv[layer, 0, :, :, self.length:end] = k
+        self.kv[layer, 1, :, :, self.length:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim): every head attends independently
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(self.layer, k, v)
+        if attn_mask is None and past > 0 and T > 1:
+            # new tokens see the whole cached prefix and, among themselves, only earlier ones
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        is_causal = attn_mask is None and past == 0 and T > 1
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: the residual stream itself is never normalised."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the input embedding and the output projection share one matrix
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # each block adds two projections to the residual stream: keep its variance flat
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def hidden(self, idx, pos=None, attn_mask=None, cache=None):
+        """The final hidden states (after ln_f), before the vocabulary projection.
+
+        pos: position ids (B, T), default 0..T-1 after whatever `cache` already holds.
+        attn_mask: boolean (B, 1, T, T), True where a token may attend; default causal.
+        cache: a KVCache that this call extends (generation).
+        """
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        if pos is None:
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, vocab_size) for every position, and the mean cross-entropy if targets given."""
+        logits = self.lm_head(self.hidden(idx))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, verbose=True):
+        params = [p for p in self.parameters() if p.requires_grad]
+        # weight decay on matmul weights and embeddings (2-D), never on biases and LayerNorm gains
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        if verbose:
+            print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
+            print(f"num non-decayed parameter tensors: {len(no_decay)}, with {sum(p.numel() for p in no_decay):,} parameters")
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused kernel does the whole update in one pass over the parameters
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        if verbose:
+            print(f"using fused AdamW: {fused}")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len):
+        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls plus attention."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    # ----- Hugging Face interop ------------------------------------------------------------------
+    # HF's GPT-2 stores these four matmuls as Conv1D modules, i.e. transposed (in, out) matrices.
+    _HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_hf(cls, hf_model):
+        """This model with the weights of a transformers `GPT2LMHeadModel` (vocabulary stays 50257)."""
+        hf = hf_model.config
+        config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size,
+                           n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd)
+        model = cls(config)
+        ours = model.state_dict()
+        for name, tensor in hf_model.state_dict().items():
+            if name not in ours:
+                continue  # buffers such as the old causal-mask `attn.bias`
+            if name.endswith(cls._HF_TRANSPOSED):
+                tensor = tensor.t()
+            if tensor.shape != ours[name].shape:
+                raise UserError(f"Hugging Face weight {name} has shape {tuple(tensor.shape)}, expected {tuple(ours[name].shape)}")
+            ours[name] = tensor
+        model.load_state_dict(ours)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir):
+        """OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from the Hub, or a local
+        directory holding a `GPT2LMHeadModel`."""
+        import hub
+
+        if not os.path.isdir(name_or_dir):
+            hub.require(f"'{name_or_dir}'", "download it where you have network "
+                        f"(GPT2LMHeadModel.from_pretrained('{name_or_dir}').save_pretrained(DIR)) and point at DIR instead")
+        from transformers import GPT2LMHeadModel
+
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot load a GPT-2 model from {name_or_dir!r}: {str(error).splitlines()[0]}") from None
+        return cls.from_hf(hf_model)
+
+    def to_hf(self):
+        """A transformers `GPT2LMHeadModel` with these weights; a padded vocabulary is cropped to 50257."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        vocab = min(c.vocab_size, GPT2_VOCAB_SIZE)
+        hf_config = GPT2Config(vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                               n_head=c.n_head, activation_function="gelu_new", resid_pdrop=c.dropout,
+                               embd_pdrop=c.dropout, attn_pdrop=c.dropout, tie_word_embeddings=True,
+                               bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1)
+        hf_model = GPT2LMHeadModel(hf_config)
+        theirs = hf_model.state_dict()
+        for name, tensor in self.state_dict().items():
+            if name not in theirs:
+                continue
+            tensor = tensor.detach()
+            if name.endswith(self._HF_TRANSPOSED):
+                tensor = tensor.t()
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                tensor = tensor[:vocab]
+            theirs[name] = tensor.contiguous()
+        hf_model.load_state_dict(theirs)
+        hf_model.tie_weights()
+        return hf_model.eval()
+

