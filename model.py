@@ -187,7 +187,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, verbose=True):

@@ -1,0 +1,117 @@
+"""GPT-2 architecture against Hugging Face's reference implementation, and basic learning."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from env import UserError
+from model import GPT, GPTConfig, KVCache
+
+TINY = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=2, vocab_size=50257)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_logits_match_transformers(hf_model):
+    ours = GPT.from_hf(hf_model).eval()
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = hf_model(idx).logits
+        logits, loss = ours(idx, targets=idx)
+    assert logits.shape == (3, 40, 50257)
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=0)
+    assert torch.allclose(loss, F.cross_entropy(logits.view(-1, 50257), idx.view(-1)))
+
+
+def test_to_hf_crops_padded_vocab_and_round_trips():
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**{**TINY, "vocab_size": 50304})).eval()
+    hf = ours.to_hf()
+    assert hf.config.vocab_size == 50257
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx)[0][..., :50257], atol=1e-4, rtol=0)
+        back = GPT.from_hf(hf).eval()
+        torch.testing.assert_close(back(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_parameter_names_follow_nanogpt():
+    names = list(GPT(GPTConfig(**TINY)).state_dict())
+    assert names[:3] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight"]
+    assert "transformer.h.1.attn.c_attn.weight" in names and "transformer.h.1.mlp.c_proj.bias" in names
+    assert names[-1] == "lm_head.weight"
+
+
+def test_optimizer_groups_print_original_counts(capsys):
+    model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=128))
+    model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    out = capsys.readouterr().out
+    assert "num decayed parameter tensors: 10, with 6,858,880 parameters" in out
+    assert "num non-decayed parameter tensors: 18, with 3,584 parameters" in out
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=8, n_head=4, n_embd=256))
+    proj_std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    fc_std = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(fc_std - 0.02) < 0.002
+    assert abs(proj_std - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+    assert model.transformer.wte.weight is model.lm_head.weight
+
+
+def test_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        full = model.hidden(idx)
+        cache = KVCache(model.config, batch_size=2)
+        parts = [model.hidden(idx[:, :17], cache=cache)]
+        parts += [model.hidden(idx[:, t:t + 1], cache=cache) for t in range(17, 25)]
+        parts += [model.hidden(idx[:, 25:], cache=cache)]  # several new tokens after a prefix
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=64))
+    optimizer = model.configure_optimizers(0.0, 3e-3, "cpu", verbose=False)
+    x = torch.randint(0, 50257, (4, 33))
+    for step in range(200):
+        _, loss = model(x[:, :-1], targets=x[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.5:
+            break
+    assert loss.item() < 0.5, f"loss still {loss.item():.3f} after {step + 1} steps"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"N_LAYER": "abc"}, "N_LAYER must be an integer"),
+    ({"N_HEAD": "0"}, "N_HEAD must be >= 1"),
+    ({"BLOCK_SIZE": "-4"}, "BLOCK_SIZE must be >= 1"),
+    ({"N_EMBD": "100", "N_HEAD": "3"}, "N_EMBD (100) must be divisible by N_HEAD (3)"),
+    ({"DROPOUT": "x"}, "DROPOUT must be a number"),
+])
+def test_config_from_env_rejects_bad_values(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        GPTConfig.from_env()
+
+
+def test_config_from_env_defaults_and_overrides(monkeypatch):
+    assert GPTConfig.from_env() == GPTConfig(1024, 50304, 12, 12, 768, 0.0)
+    monkeypatch.setenv("N_LAYER", "2")
+    monkeypatch.setenv("BLOCK_SIZE", "2.56e2")
+    config = GPTConfig.from_env()
+    assert (config.n_layer, config.block_size) == (2, 256)
