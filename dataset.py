@@ -1,0 +1,355 @@
+"""Tokenize a text dataset with the GPT-2 BPE into `.npy` shards of uint16 tokens.
+
+    uv run dataset.py                                  # facebook/natural_reasoning from the Hub
+    HF_DATASET_NAME=demo uv run dataset.py             # the offline demo corpus
+    HF_DATASET_NAME=input.txt DATASET_PATH=/tmp/shakespeare uv run dataset.py
+
+Documents are shuffled with a fixed seed (ordered sources give periodic loss curves), each one is
+preceded by <|endoftext|> as in GPT-2's training, and the token stream is cut into shards of
+exactly SHARD_SIZE tokens, `val_000000.npy` then `train_000000.npy`, `train_000001.npy`, ...
+The val split is the first documents, as in build-nanogpt's fineweb.py: as many whole documents as
+fit in one shard. When the data holds less than about two shards, val is instead the first
+VAL_FRACTION of the documents (at least one), so that neither split is empty.
+
+Memory stays bounded whatever the dataset's size: documents stream from `datasets`' on-disk Arrow
+files in batches, threads tokenize them (tiktoken releases the GIL), and at most about two shards
+of tokens are held at once. A dataset is built in a temporary sibling folder and swapped in only
+when complete; meta.json, written last, lists its shards (see shards.py).
+"""
+
+import os
+import re
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+import hub
+from env import UserError, cli, env_flag, env_int, env_str
+from shards import META, read_meta, shard_name, write_meta
+from tokenizer import EOT, get_encoding
+
+SHUFFLE_SEED = 1337
+VAL_FRACTION = 0.05  # of the documents, for data under two shards
+BATCH_DOCUMENTS = 512  # documents per tokenizer task
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+OUR_FILES = re.compile(r"(train|val)_\d{6}\.npy(\.tmp)?|meta\.json\.tmp")  # what a half-written dataset holds
+OFFLINE_HINT = ("set HF_DATASET_NAME=demo for the offline demo corpus, or HF_DATASET_NAME=path/to/file "
+                "(.jsonl, .json, .parquet, .csv, .txt) for your own data")
+
+
+# ----------------------------------------------------------------------------------------------
+# where the documents come from
+
+
+def resolve_source(name):
+    """(kind, source) for HF_DATASET_NAME: `demo`, then an existing local path, then a Hub id."""
+    if name == "demo":
+        return "demo", "demo"
+    path = os.path.abspath(os.path.expanduser(name))
+    if os.path.isdir(path):
+        return "disk", path
+    if os.path.isfile(path):
+        if os.path.splitext(path)[1].lower() not in LOCAL_FORMATS:
+            raise UserError(f"HF_DATASET_NAME={name}: unsupported file type; use one of {', '.join(LOCAL_FORMATS)}")
+        return "file", path
+    looks_local = name.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in LOCAL_FORMATS
+    if looks_local or name.count("/") > 1:
+        raise UserError(f"HF_DATASET_NAME={name}: no such file or folder")
+    return "hub", name
+
+
+def load_records(kind, source, cache_dir):
+    """The raw records as a `datasets.Dataset`, memory-mapped from Arrow files on disk."""
+    import datasets  # slow to import: only when a dataset is actually built
+
+    if kind == "demo":
+        import demo_corpus
+        return datasets.Dataset.from_generator(demo_corpus.rows, cache_dir=cache_dir)
+    if kind == "hub":
+        hub.require(f"the dataset {source}", OFFLINE_HINT)
+        try:
+            return _train_split(datasets.load_dataset(source), source)
+        except datasets.exceptions.DatasetNotFoundError:
+            raise UserError(f"HF_DATASET_NAME={source}: no such dataset on the Hugging Face Hub, "
+                            f"and no such local file") from None
+        except ConnectionError as error:
+            raise UserError(f"downloading {source} failed ({error}); {OFFLINE_HINT}") from None
+    try:
+        if kind == "disk":
+            return _train_split(datasets.load_from_disk(source), source)
+        builder = LOCAL_FORMATS[os.path.splitext(source)[1].lower()]
+        options = {"sample_by": "paragraph"} if builder == "text" else {}  # one document per paragraph
+        return datasets.load_dataset(builder, data_files=source, split="train", cache_dir=cache_dir, **options)
+    except FileNotFoundError:
+        raise UserError(f"{source} is a folder but not a dataset saved with datasets' save_to_disk") from None
+    except Exception as error:  # whatever the parser raises: the file is not what its name says
+        cause = error.__cause__ or error
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise UserError(f"cannot read {source}: {message}") from None
+
+
+def _train_split(loaded, source):
+    """A DatasetDict's `train` split (or its only one); a Dataset as it is."""
+    if not hasattr(loaded, "keys"):
+        return loaded
+    if "train" in loaded:
+        return loaded["train"]
+    if len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise UserError(f"{source} has splits {sorted(loaded)} and none is called 'train'")
+
+
+def qa_documents(batch):
+    """natural_reasoning rows -> "Question: ...\\nAnswer: ...", the answer being the first
+    response's text, else the reference answer. Rows with no question or no answer are skipped."""
+    n = len(batch["question"])
+    responses = batch.get("responses", [None] * n)
+    references = batch.get("reference_answer", [None] * n)
+    documents = []
+    for question, response, reference in zip(batch["question"], responses, references):
+        answer = (response[0].get("response") if response else None) or reference
+        if question and answer:
+            documents.append(f"Question: {question}\nAnswer: {answer}")
+    return documents
+
+
+def text_documents(batch):
+    """The `text` column, skipping empty documents (a blank-only paragraph, a null)."""
+    return [text for text in batch["text"] if text and not text.isspace()]
+
+
+def documents_reader(records, source):
+    """(columns to read, batch -> documents) for these records, or a UserError naming the columns."""
+    features = records.features
+    columns = set(features)
+    if "question" in columns and columns & {"responses", "reference_answer"}:
+        wanted = ["question"] + sorted(columns & {"responses", "reference_answer"})
+        checks, to_documents = ["question", "reference_answer"], qa_documents
+    elif "text" in columns:
+        wanted, checks, to_documents = ["text"], ["text"], text_documents
+    else:
+        raise UserError(f"{source} has columns {sorted(columns)}: expected natural_reasoning's "
+                        f"(question, reference_answer, responses) or a `text` column")
+    for column in columns & set(checks):
+        dtype = getattr(features[column], "dtype", None)
+        if dtype not in ("string", "large_string", "null"):
+            raise UserError(f"{source}: column `{column}` must hold text, found {features[column]}")
+    return wanted, to_documents
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizing in parallel
+
+
+def tokenize(texts):
+    """One batch of documents -> uint16 tokens, each document preceded by <|endoftext|>.
+
+    encode_ordinary treats a literal "<|endoftext|>" inside a document as text, so EOT appears
+    in the output only as a separator: counting EOTs counts documents."""
+    encode = get_encoding().encode_ordinary
+    ids = []
+    for text in texts:
+        ids.append(EOT)
+        ids.extend(encode(text))
+    return np.array(ids, dtype=np.uint16)
+
+
+def default_threads():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def tokenized_batches(text_batches, threads=None):
+    """Tokenize batches of documents on `threads` threads, yielding uint16 arrays in order.
+
+    tiktoken's BPE runs without the GIL, so threads use every core with none of a process pool's
+    pickling; only a few batches are in flight at a time, which bounds memory."""
+    threads = threads or default_threads()
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        for texts in text_batches:
+            pending.append(pool.submit(tokenize, texts))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing shards
+
+
+class SplitWriter:
+    """Cuts one split's token stream into shards of exactly shard_size tokens (the last shorter).
+
+    Tokens wait in memory until `writable` (the val/train cut is decided only once enough data has
+    been seen); each shard goes to a temporary name first, then is renamed."""
+
+    def __init__(self, folder, split, shard_size, writable):
+        self.folder, self.split, self.shard_size, self.writable = folder, split, shard_size, writable
+        self.pending, self.pending_tokens = [], 0
+        self.shards, self.tokens, self.documents = [], 0, 0
+
+    def add(self, tokens):
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        self.tokens += len(tokens)
+        self.documents += int(np.count_nonzero(tokens == EOT))
+        if self.writable and self.pending_tokens >= self.shard_size:
+            stream = np.concatenate(self.pending)
+            full = len(stream) // self.shard_size * self.shard_size
+            for start in range(0, full, self.shard_size):
+                self._write(stream[start:start + self.shard_size])
+            self.pending = [stream[full:]]
+            self.pending_tokens = len(stream) - full
+
+    def finish(self):
+        self.writable = True
+        self.add(np.empty(0, dtype=np.uint16))
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+        return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
+
+    def _write(self, tokens):
+        name = shard_name(self.split, len(self.shards))
+        path = os.path.join(self.folder, name)
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, tokens)
+        os.replace(path + ".tmp", path)
+        self.shards.append(name)
+
+
+def split_at_document(tokens, documents):
+    """(the first `documents` documents, the rest) of a token array."""
+    starts = np.flatnonzero(tokens == EOT)
+    cut = starts[documents] if documents < len(starts) else len(tokens)
+    return tokens[:cut], tokens[cut:]
+
+
+def write_shards(token_batches, folder, shard_size, progress=None):
+    """Write val/train shards from a stream of token batches; return meta's `splits`."""
+    val = SplitWriter(folder, "val", shard_size, writable=False)
+    train = SplitWriter(folder, "train", shard_size, writable=False)
+    val_open = True
+    for tokens in token_batches:
+        if progress is not None:
+            progress.update(len(tokens))
+        if val_open:  # val: the first whole documents that fit in one shard (at least one)
+            ends = np.append(np.flatnonzero(tokens == EOT)[1:], len(tokens))
+            fit = int(np.searchsorted(ends, shard_size - val.tokens, side="right"))
+            if val.documents == 0:
+                fit = max(fit, 1)
+            if fit < len(ends):
+                val_open = False
+            head, tokens = split_at_document(tokens, fit)
+            val.add(head)
+        train.add(tokens)
+        if not val.writable and val.tokens + train.tokens >= 2 * shard_size:
+            val.writable = train.writable = True  # enough data: the fineweb.py-style split stands
+    documents = val.documents + train.documents
+    if documents < 2:
+        raise UserError(f"the dataset has {documents} non-empty document(s): at least 2 are needed "
+                        f"to make a train and a val split")
+    if not val.writable:  # under two shards in all: nothing is written yet, so re-cut by documents
+        stream = np.concatenate(val.pending + train.pending)
+        head, rest = split_at_document(stream, max(1, round(VAL_FRACTION * documents)))
+        val = SplitWriter(folder, "val", shard_size, writable=True)
+        train = SplitWriter(folder, "train", shard_size, writable=True)
+        val.add(head)
+        train.add(rest)
+    return {"val": val.finish(), "train": train.finish()}
+
+
+# ----------------------------------------------------------------------------------------------
+# building a dataset folder
+
+
+def check_replaceable(dataset_path):
+    """A folder without meta.json is a half-written dataset, rebuilt from scratch; but only if it
+    holds nothing but our own files, so that a mistyped DATASET_PATH never deletes user data."""
+    if not os.path.exists(dataset_path):
+        return
+    if not os.path.isdir(dataset_path):
+        raise UserError(f"DATASET_PATH={dataset_path} is a file, not a folder")
+    for entry in os.listdir(dataset_path):
+        if not OUR_FILES.fullmatch(entry):
+            raise UserError(f"DATASET_PATH={dataset_path} holds other files ({entry}) and no {META}: "
+                            f"choose an empty or new folder")
+
+
+def build(source_name, dataset_path, shard_size, force=False, threads=None):
+    """Build (or reuse) the dataset of HF_DATASET_NAME=source_name at dataset_path; return its meta."""
+    if shard_size < 1:
+        raise UserError(f"SHARD_SIZE must be >= 1, got {shard_size}")
+    kind, source = resolve_source(source_name)
+    dataset_path = os.path.abspath(dataset_path)
+    if not os.path.isfile(os.path.join(dataset_path, META)):
+        check_replaceable(dataset_path)
+    elif not force:
+        existing = read_meta(dataset_path)
+        if tuple(existing.get(key) for key in ("source", "tokenizer", "shard_size")) == (source, "gpt2", shard_size):
+            print(f"{dataset_path} already holds this dataset ({source}, SHARD_SIZE={shard_size}): reusing it")
+            return existing
+        raise UserError(f"{dataset_path} holds a different dataset (source {existing.get('source')}, "
+                        f"SHARD_SIZE={existing.get('shard_size')}): set FORCE=1 to replace it, or choose "
+                        f"another DATASET_PATH")
+
+    # build next to the target, swap in when complete: an existing dataset survives any failure
+    building = os.path.join(os.path.dirname(dataset_path), f".{os.path.basename(dataset_path)}.building")
+    try:
+        shutil.rmtree(building, ignore_errors=True)  # left by an interrupted run
+        os.makedirs(building)
+    except OSError as error:
+        raise UserError(f"cannot write DATASET_PATH={dataset_path}: {error.strerror}") from None
+    try:
+        records = load_records(kind, source, cache_dir=os.path.join(building, "cache"))
+        if len(records) == 0:
+            raise UserError(f"{source} holds no records")
+        columns, to_documents = documents_reader(records, source)
+        records = records.select_columns(columns).shuffle(
+            seed=SHUFFLE_SEED, indices_cache_file_name=os.path.join(building, "cache", "shuffled.arrow"))
+        texts = (to_documents(batch) for batch in records.iter(batch_size=BATCH_DOCUMENTS))
+        with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {len(records):,} records") as progress:
+            splits = write_shards(tokenized_batches(texts, threads), building, shard_size, progress)
+        del records  # release the memory-mapped Arrow files before deleting them
+        shutil.rmtree(os.path.join(building, "cache"), ignore_errors=True)
+        meta = {"source": source, "tokenizer": "gpt2", "dtype": "uint16", "eot": EOT,
+                "shard_size": shard_size, "shuffle_seed": SHUFFLE_SEED, "splits": splits}
+        write_meta(building, meta)
+        replace(building, dataset_path)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    return meta
+
+
+def replace(building, dataset_path):
+    """Swap the finished folder in, then delete the old one."""
+    old = building + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dataset_path):
+        os.replace(dataset_path, old)
+    os.replace(building, dataset_path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@cli
+def main():
+    source = env_str("HF_DATASET_NAME", "facebook/natural_reasoning")
+    dataset_path = env_str("DATASET_PATH", "natural_reasoning")
+    shard_size = env_int("SHARD_SIZE", 10**8)
+    force = env_flag("FORCE")
+    print("Configuration from environment:")
+    print(f"  HF_DATASET_NAME={source} DATASET_PATH={dataset_path} SHARD_SIZE={shard_size:,} FORCE={int(force)}")
+    meta = build(source, dataset_path, shard_size, force)
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shard(s)")
+    print(f"dataset ready at {dataset_path}")
+
+
+if __name__ == "__main__":
+    main()

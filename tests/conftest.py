@@ -1,0 +1,62 @@
+"""Fixtures shared by every test file: one tiny demo dataset per session, real data when present."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEMO_SHARD_SIZE = 100_000  # the demo corpus (~1.36M tokens) makes 1 val and 13 train shards
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory):
+    """Path of the demo corpus built in-process once per session (about 2 s), SHARD_SIZE=1e5."""
+    import dataset
+
+    path = tmp_path_factory.mktemp("demo_dataset") / "demo"
+    dataset.build("demo", str(path), DEMO_SHARD_SIZE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data (real HellaSwag rows, tiny shakespeare), or a skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent (real data for tests lives beside the repository)")
+    return SHARED_DATA
+
+
+def natural_reasoning_rows(count=60):
+    """Rows in facebook/natural_reasoning's exact schema, with its awkward cases: no responses
+    (the reference answer is used), several responses (the first is used), unicode, and a
+    literal "<|endoftext|>" that must stay text."""
+    rows = []
+    for i in range(count):
+        responses = [{"response_model": "Llama-3.3-70B-Instruct", "response": f"Step {j}: {i} * {j} = {i * j}. ✓"}
+                     for j in range(1, i % 3 + 1)]
+        question = f"Problem {i}: what is {i} * {i % 3}? Énoncé «{i}»."
+        if i == 7:
+            question += " Is <|endoftext|> a token here?"
+        rows.append({"question": question, "reference_answer": f"{i * (i % 3)}", "responses": responses})
+    return rows
+
+
+def expected_document(row):
+    """The document dataset.py must make of a natural_reasoning row, written out independently."""
+    answer = row["responses"][0]["response"] if row["responses"] else row["reference_answer"]
+    return f"Question: {row['question']}\nAnswer: {answer}"
+
+
+@pytest.fixture(scope="session")
+def natural_reasoning_files(tmp_path_factory):
+    """{"rows": the rows, "jsonl": path, "parquet": path}: the same rows in both formats."""
+    import pandas as pd
+
+    folder = tmp_path_factory.mktemp("natural_reasoning_rows")
+    rows = natural_reasoning_rows()
+    jsonl = folder / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    parquet = folder / "rows.parquet"
+    pd.DataFrame(rows).to_parquet(parquet)
+    return {"rows": rows, "jsonl": jsonl, "parquet": parquet}
