@@ -5,6 +5,7 @@ train.py, evaluate.py, generate.py, prompt.py and the benchmarks all call `setup
 """
 
 import contextlib
+import ctypes
 import os
 import platform
 import subprocess
@@ -72,6 +73,24 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    A CPU training step allocates and frees buffers of hundreds of MB; by default glibc maps each
+    one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again
+    (measured here: up to 46% of a small model's step). Same as MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=2147483647, but it holds for a user who just types `uv run train.py`.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False  # not glibc (musl, ...): nothing to tune
+
+
 def pick_device(requested="auto", local_rank=0):
     if requested == "auto":
         if torch.cuda.is_available():
@@ -120,6 +139,8 @@ def setup(device="auto", dtype="auto"):
             dist.init_process_group(backend="nccl", device_id=torch.device(chosen))
         else:
             dist.init_process_group(backend="gloo")
+    if runtime.device_type == "cpu":
+        keep_freed_memory()
     if runtime.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever runs outside autocast
         torch.backends.cudnn.allow_tf32 = True

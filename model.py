@@ -75,6 +75,40 @@ class KVCache:
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """lm_head + mean cross-entropy, a few hundred tokens at a time, with the gradients computed
+    during the forward pass. The (tokens x vocabulary) logits, 400 MB for 2,048 tokens of GPT-2, never
+    exist in full: on small models their memory traffic, not the matmuls, is what costs the time."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        # under autocast the matmuls run in the low precision, the softmax always in float32
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            n = h.size(0)
+            w = weight.to(dtype)
+            grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            for start in range(0, n, chunk_size):
+                hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
+                probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
+                loss -= probs.gather(1, tc).log().sum()
+                # d(loss sum)/d(logits) = softmax - one_hot; the 1/n of the mean is applied once below
+                grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
+                grad_h[start:start + chunk_size] = grad @ w
+                grad_w += grad.t() @ hc
+            grad_h /= n
+            grad_w /= n
+            ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss, grad_w * grad_loss, None, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -165,15 +199,16 @@ class GPT(nn.Module):
     def hidden(self, idx, pos=None, attn_mask=None, cache=None):
         """The final hidden states (after ln_f), before the vocabulary projection.
 
-        pos: position ids (B, T), default 0..T-1 after whatever `cache` already holds.
+        pos: position ids (B, T), default 0..T-1 after whatever `cache` already holds. With explicit
+            positions a row may be longer than block_size (HellaSwag packs four endings side by side).
         attn_mask: boolean (B, 1, T, T), True where a token may attend; default causal.
         cache: a KVCache that this call extends (generation).
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
-        if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if pos is None:
+            if past + T > self.config.block_size:
+                raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
             pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
@@ -182,9 +217,17 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, vocab_size) for every position, and the mean cross-entropy if targets given."""
-        logits = self.lm_head(self.hidden(idx))
+    def forward(self, idx, targets=None, return_logits=True):
+        """Logits (B, T, vocab_size) for every position, and the mean cross-entropy if targets given.
+
+        Training passes return_logits=False: the loss then comes from ChunkedCrossEntropy, which
+        never materialises the logits (returned as None), and it is the same loss."""
+        h = self.hidden(idx)
+        if targets is not None and not return_logits:
+            chunk = 256 if h.device.type == "cpu" else 8192
+            loss = ChunkedCrossEntropy.apply(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk)
+            return None, loss
+        logits = self.lm_head(h)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
