@@ -8,12 +8,12 @@ Documents are shuffled with a fixed seed (ordered sources give periodic loss cur
 preceded by <|endoftext|> as in GPT-2's training, and the token stream is cut into shards of
 exactly SHARD_SIZE tokens, `val_000000.npy` then `train_000000.npy`, `train_000001.npy`, ...
 The val split is the first documents, as in build-nanogpt's fineweb.py: as many whole documents as
-fit in one shard. When the data holds less than about two shards, val is instead the first
-VAL_FRACTION of the documents (at least one), so that neither split is empty.
+fit in one shard. When no shard fills up (the data holds less than about two shards), val is
+instead the first VAL_FRACTION of the documents (at least one), so that neither split is empty.
 
 Memory stays bounded whatever the dataset's size: documents stream from `datasets`' on-disk Arrow
-files in batches, threads tokenize them (tiktoken releases the GIL), and at most about two shards
-of tokens are held at once. A dataset is built in a temporary sibling folder and swapped in only
+files in batches, threads tokenize them (tiktoken releases the GIL), and each split fills one
+shard-sized buffer at a time. A dataset is built in a temporary sibling folder and swapped in only
 when complete; meta.json, written last, lists its shards (see shards.py).
 """
 
@@ -36,8 +36,8 @@ VAL_FRACTION = 0.05  # of the documents, for data under two shards
 BATCH_DOCUMENTS = 512  # documents per tokenizer task
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 OUR_FILES = re.compile(r"(train|val)_\d{6}\.npy(\.tmp)?|meta\.json\.tmp")  # what a half-written dataset holds
-OFFLINE_HINT = ("set HF_DATASET_NAME=demo for the offline demo corpus, or HF_DATASET_NAME=path/to/file "
-                "(.jsonl, .json, .parquet, .csv, .txt) for your own data")
+OFFLINE_HINT = ("set HF_DATASET_NAME=demo for the offline demo corpus, or HF_DATASET_NAME to a local file "
+                "(.jsonl, .json, .parquet, .csv, .txt) or a folder saved with datasets' save_to_disk")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,6 +65,9 @@ def load_records(kind, source, cache_dir):
     """The raw records as a `datasets.Dataset`, memory-mapped from Arrow files on disk."""
     import datasets  # slow to import: only when a dataset is actually built
 
+    if kind != "hub":  # local data loads in seconds: our own progress bar and errors suffice
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if kind == "demo":
         import demo_corpus
         return datasets.Dataset.from_generator(demo_corpus.rows, cache_dir=cache_dir)
@@ -75,8 +78,10 @@ def load_records(kind, source, cache_dir):
         except datasets.exceptions.DatasetNotFoundError:
             raise UserError(f"HF_DATASET_NAME={source}: no such dataset on the Hugging Face Hub, "
                             f"and no such local file") from None
-        except ConnectionError as error:
+        except OSError as error:  # network failures, a gated dataset without a login, ...
             raise UserError(f"downloading {source} failed ({error}); {OFFLINE_HINT}") from None
+    if kind == "file" and os.path.getsize(source) == 0:
+        raise UserError(f"{source} is empty")
     try:
         if kind == "disk":
             return _train_split(datasets.load_from_disk(source), source)
@@ -182,44 +187,38 @@ def tokenized_batches(text_batches, threads=None):
 
 
 class SplitWriter:
-    """Cuts one split's token stream into shards of exactly shard_size tokens (the last shorter).
+    """Cuts one split's token stream into shards of exactly shard_size tokens (the last shorter),
+    through one shard-sized buffer; each shard goes to a temporary name first, then is renamed."""
 
-    Tokens wait in memory until `writable` (the val/train cut is decided only once enough data has
-    been seen); each shard goes to a temporary name first, then is renamed."""
-
-    def __init__(self, folder, split, shard_size, writable):
-        self.folder, self.split, self.shard_size, self.writable = folder, split, shard_size, writable
-        self.pending, self.pending_tokens = [], 0
+    def __init__(self, folder, split, shard_size):
+        self.folder, self.split = folder, split
+        self.buffer, self.fill = np.empty(shard_size, dtype=np.uint16), 0
         self.shards, self.tokens, self.documents = [], 0, 0
 
     def add(self, tokens):
-        self.pending.append(tokens)
-        self.pending_tokens += len(tokens)
         self.tokens += len(tokens)
         self.documents += int(np.count_nonzero(tokens == EOT))
-        if self.writable and self.pending_tokens >= self.shard_size:
-            stream = np.concatenate(self.pending)
-            full = len(stream) // self.shard_size * self.shard_size
-            for start in range(0, full, self.shard_size):
-                self._write(stream[start:start + self.shard_size])
-            self.pending = [stream[full:]]
-            self.pending_tokens = len(stream) - full
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.fill)
+            self.buffer[self.fill:self.fill + take] = tokens[:take]
+            self.fill += take
+            tokens = tokens[take:]
+            if self.fill == len(self.buffer):
+                self._write()
 
     def finish(self):
-        self.writable = True
-        self.add(np.empty(0, dtype=np.uint16))
-        if self.pending_tokens:
-            self._write(np.concatenate(self.pending))
-        self.pending, self.pending_tokens = [], 0
+        if self.fill:
+            self._write()
         return {"shards": self.shards, "tokens": self.tokens, "documents": self.documents}
 
-    def _write(self, tokens):
+    def _write(self):
         name = shard_name(self.split, len(self.shards))
         path = os.path.join(self.folder, name)
         with open(path + ".tmp", "wb") as f:
-            np.save(f, tokens)
+            np.save(f, self.buffer[:self.fill])
         os.replace(path + ".tmp", path)
         self.shards.append(name)
+        self.fill = 0
 
 
 def split_at_document(tokens, documents):
@@ -230,34 +229,34 @@ def split_at_document(tokens, documents):
 
 
 def write_shards(token_batches, folder, shard_size, progress=None):
-    """Write val/train shards from a stream of token batches; return meta's `splits`."""
-    val = SplitWriter(folder, "val", shard_size, writable=False)
-    train = SplitWriter(folder, "train", shard_size, writable=False)
+    """Write val/train shards from a stream of token batches; return meta's `splits`.
+
+    val takes the first whole documents that fit in one shard (at least one), train the rest.
+    If no shard fills up (under two shards of data), nothing has been written yet and both
+    splits still sit in their buffers: val is re-cut to VAL_FRACTION of the documents."""
+    val = SplitWriter(folder, "val", shard_size)
+    train = SplitWriter(folder, "train", shard_size)
     val_open = True
     for tokens in token_batches:
         if progress is not None:
             progress.update(len(tokens))
-        if val_open:  # val: the first whole documents that fit in one shard (at least one)
+        if val_open:
             ends = np.append(np.flatnonzero(tokens == EOT)[1:], len(tokens))
             fit = int(np.searchsorted(ends, shard_size - val.tokens, side="right"))
             if val.documents == 0:
                 fit = max(fit, 1)
-            if fit < len(ends):
-                val_open = False
+            val_open = fit == len(ends)
             head, tokens = split_at_document(tokens, fit)
             val.add(head)
         train.add(tokens)
-        if not val.writable and val.tokens + train.tokens >= 2 * shard_size:
-            val.writable = train.writable = True  # enough data: the fineweb.py-style split stands
     documents = val.documents + train.documents
     if documents < 2:
         raise UserError(f"the dataset has {documents} non-empty document(s): at least 2 are needed "
                         f"to make a train and a val split")
-    if not val.writable:  # under two shards in all: nothing is written yet, so re-cut by documents
-        stream = np.concatenate(val.pending + train.pending)
+    if not val.shards and not train.shards:
+        stream = np.concatenate([val.buffer[:val.fill], train.buffer[:train.fill]])
         head, rest = split_at_document(stream, max(1, round(VAL_FRACTION * documents)))
-        val = SplitWriter(folder, "val", shard_size, writable=True)
-        train = SplitWriter(folder, "train", shard_size, writable=True)
+        val, train = SplitWriter(folder, "val", shard_size), SplitWriter(folder, "train", shard_size)
         val.add(head)
         train.add(rest)
     return {"val": val.finish(), "train": train.finish()}
@@ -280,7 +279,7 @@ def check_replaceable(dataset_path):
                             f"choose an empty or new folder")
 
 
-def build(source_name, dataset_path, shard_size, force=False, threads=None):
+def build(source_name, dataset_path, shard_size, force=False):
     """Build (or reuse) the dataset of HF_DATASET_NAME=source_name at dataset_path; return its meta."""
     if shard_size < 1:
         raise UserError(f"SHARD_SIZE must be >= 1, got {shard_size}")
@@ -306,14 +305,14 @@ def build(source_name, dataset_path, shard_size, force=False, threads=None):
         raise UserError(f"cannot write DATASET_PATH={dataset_path}: {error.strerror}") from None
     try:
         records = load_records(kind, source, cache_dir=os.path.join(building, "cache"))
-        if len(records) == 0:
-            raise UserError(f"{source} holds no records")
         columns, to_documents = documents_reader(records, source)
+        if len(records) < 2:
+            raise UserError(f"{source} holds {len(records)} record(s): at least 2 are needed for a train and a val split")
         records = records.select_columns(columns).shuffle(
             seed=SHUFFLE_SEED, indices_cache_file_name=os.path.join(building, "cache", "shuffled.arrow"))
         texts = (to_documents(batch) for batch in records.iter(batch_size=BATCH_DOCUMENTS))
         with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {len(records):,} records") as progress:
-            splits = write_shards(tokenized_batches(texts, threads), building, shard_size, progress)
+            splits = write_shards(tokenized_batches(texts), building, shard_size, progress)
         del records  # release the memory-mapped Arrow files before deleting them
         shutil.rmtree(os.path.join(building, "cache"), ignore_errors=True)
         meta = {"source": source, "tokenizer": "gpt2", "dtype": "uint16", "eot": EOT,

@@ -1,0 +1,151 @@
+"""Data prep: dataset.py's threaded tokenizer against build-nanogpt's fineweb.py process pool.
+
+    uv run python -m bench.bench_tokenize [--repeats 5] [--copies 8]
+
+Both sides tokenize the same documents (tiny shakespeare's paragraphs, `--copies` times, as short
+documents and joined 20 at a time as long ones, natural_reasoning's typical length) into uint16
+arrays with <|endoftext|> before each document, alternating over the repeats since this machine is
+shared. The fineweb.py side is its recipe: a multiprocessing pool of cpu_count//2 processes,
+`imap(chunksize=16)`, `encode_ordinary` per document. Then whole `dataset.py` builds of two
+dataset sizes run in fresh processes, for their throughput and peak RSS: it should not grow with
+the dataset. Prints a table and writes bench/results/bench_tokenize.json.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dataset
+from tokenizer import EOT, get_encoding
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+RESULTS = ROOT / "bench" / "results"
+LONG_JOIN = 20  # paragraphs per long document: ~1,000 tokens, like a natural_reasoning row
+
+
+def fineweb_tokenize(doc):
+    """build-nanogpt's fineweb.py tokenize(): one document -> uint16 tokens led by EOT."""
+    tokens = [EOT]
+    tokens.extend(get_encoding().encode_ordinary(doc))
+    return np.array(tokens).astype(np.uint16)
+
+
+def run_fineweb(pool, docs):
+    return sum(len(tokens) for tokens in pool.imap(fineweb_tokenize, docs, chunksize=16))
+
+
+def run_ours(docs, threads):
+    batches = (docs[i:i + dataset.BATCH_DOCUMENTS] for i in range(0, len(docs), dataset.BATCH_DOCUMENTS))
+    return sum(len(tokens) for tokens in dataset.tokenized_batches(batches, threads))
+
+
+def paragraphs():
+    if not SHAKESPEARE.is_file():
+        sys.exit(f"{SHAKESPEARE} is absent: this benchmark tokenizes tiny shakespeare")
+    return [p for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]
+
+
+BUILD_CHILD = """
+import json, resource, sys, time
+import dataset
+start = time.perf_counter()
+meta = dataset.build(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+seconds = time.perf_counter() - start
+tokens = sum(split["tokens"] for split in meta["splits"].values())
+peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_rss_mib": peak_mib}))
+"""
+
+
+def measure_build(text_path, shard_size, workdir):
+    """A whole dataset.py build in a fresh process: tokens, seconds (after imports), peak RSS."""
+    out = os.path.join(workdir, f"built_{Path(text_path).stem}")
+    result = subprocess.run([sys.executable, "-c", BUILD_CHILD, str(text_path), out, str(shard_size)],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def summary(values):
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=8, help="copies of tiny shakespeare to tokenize")
+    parser.add_argument("--build-copies", type=int, nargs=2, default=[4, 16], help="two dataset sizes for the builds")
+    parser.add_argument("--shard-size", type=int, default=2**18, help="SHARD_SIZE of the builds")
+    args = parser.parse_args()
+
+    short_docs = paragraphs() * args.copies
+    long_docs = ["\n\n".join(short_docs[i:i + LONG_JOIN]) for i in range(0, len(short_docs), LONG_JOIN)]
+    threads = dataset.default_threads()
+    processes = max(1, os.cpu_count() // 2)  # fineweb.py's choice
+    get_encoding()  # built once here; the pool's workers build theirs in the warm-up below
+
+    rates = {(shape, side): [] for shape in ("short", "long") for side in ("ours", "fineweb")}
+    with mp.Pool(processes, initializer=get_encoding) as pool:
+        run_fineweb(pool, short_docs[:1000])
+        run_ours(short_docs[:1000], threads)
+        for _ in range(args.repeats):
+            for shape, docs in (("short", short_docs), ("long", long_docs)):
+                for side in ("ours", "fineweb"):  # alternate: both sides see the same machine load
+                    start = time.perf_counter()
+                    tokens = run_ours(docs, threads) if side == "ours" else run_fineweb(pool, docs)
+                    rates[shape, side].append(tokens / (time.perf_counter() - start))
+    counts = {"short": run_ours(short_docs, threads), "long": run_ours(long_docs, threads)}
+
+    with tempfile.TemporaryDirectory() as workdir:
+        builds = []
+        for copies in args.build_copies:
+            text_path = Path(workdir) / f"shakespeare_x{copies}.txt"
+            text_path.write_text("\n\n".join(paragraphs() * copies))
+            builds.append({"copies": copies, **measure_build(text_path, args.shard_size, workdir)})
+
+    print(f"tokenization, tokens/s over {args.repeats} alternating repeats "
+          f"(ours: {threads} threads; fineweb.py: pool of {processes} process(es))")
+    print(f"{'documents':<28} {'side':<8} {'min':>10} {'median':>10} {'max':>10}")
+    figures = {}
+    for shape in ("short", "long"):
+        label = f"{shape} ({len(short_docs if shape == 'short' else long_docs):,} docs, {counts[shape]:,} tok)"
+        for side in ("ours", "fineweb"):
+            stats = summary(rates[shape, side])
+            figures[f"{shape}_{side}_tokens_per_s"] = stats
+            print(f"{label:<28} {side:<8} {stats['min']:>10,.0f} {stats['median']:>10,.0f} {stats['max']:>10,.0f}")
+        ratios = [a / b for a, b in zip(rates[shape, "ours"], rates[shape, "fineweb"])]
+        figures[f"{shape}_ratio"] = summary(ratios)
+        print(f"{'':<28} {'ratio':<8} {min(ratios):>10.2f} {statistics.median(ratios):>10.2f} {max(ratios):>10.2f}")
+    print(f"\nwhole dataset.py builds (SHARD_SIZE={args.shard_size:,}, fresh process each)")
+    print(f"{'tokens':>12} {'tokens/s':>12} {'peak RSS MiB':>14}")
+    for build in builds:
+        print(f"{build['tokens']:>12,} {build['tokens'] / build['seconds']:>12,.0f} {build['peak_rss_mib']:>14,.0f}")
+
+    import torch  # only for the record
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {
+        "figures": figures, "builds": builds,
+        "config": {"repeats": args.repeats, "copies": args.copies, "shard_size": args.shard_size,
+                   "batch_documents": dataset.BATCH_DOCUMENTS, "long_join": LONG_JOIN,
+                   "fineweb_processes": processes, "fineweb_chunksize": 16},
+        "torch": torch.__version__, "device": "cpu", "threads": threads, "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    out = RESULTS / "bench_tokenize.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
