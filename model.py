@@ -285,14 +285,20 @@ class GPT(nn.Module):
         """OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from the Hub, or a local
         directory holding a `GPT2LMHeadModel`."""
         import hub
-
-        if not os.path.isdir(name_or_dir):
-            hub.require(f"'{name_or_dir}'", "download it where you have network "
-                        f"(GPT2LMHeadModel.from_pretrained('{name_or_dir}').save_pretrained(DIR)) and point at DIR instead")
         from transformers import GPT2LMHeadModel
 
         try:
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
+            if os.path.isdir(name_or_dir) or not hub.reachable():
+                # a local directory, or a Hub model downloaded before into the Hugging Face cache
+                try:
+                    hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir, local_files_only=True)
+                except OSError:
+                    if os.path.isdir(name_or_dir):
+                        raise
+                    hub.require(f"'{name_or_dir}'", "download it where you have network (GPT2LMHeadModel"
+                                f".from_pretrained('{name_or_dir}').save_pretrained(DIR)) and point at DIR instead")
+            else:
+                hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except (OSError, ValueError) as error:
             raise UserError(f"cannot load a GPT-2 model from {name_or_dir!r}: {str(error).splitlines()[0]}") from None
         return cls.from_hf(hf_model)
