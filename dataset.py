@@ -311,6 +311,7 @@ def build(source_name, dataset_path, shard_size, force=False):
         records = records.select_columns(columns).shuffle(
             seed=SHUFFLE_SEED, indices_cache_file_name=os.path.join(building, "cache", "shuffled.arrow"))
         texts = (to_documents(batch) for batch in records.iter(batch_size=BATCH_DOCUMENTS))
+        get_encoding()  # built before the progress bar starts, so that it shows tokenizing speed
         with tqdm(unit="tok", unit_scale=True, desc=f"tokenizing {len(records):,} records") as progress:
             splits = write_shards(tokenized_batches(texts), building, shard_size, progress)
         del records  # release the memory-mapped Arrow files before deleting them

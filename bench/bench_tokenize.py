@@ -58,13 +58,16 @@ def paragraphs():
 
 BUILD_CHILD = """
 import json, resource, sys, time
-import dataset
+import datasets, dataset, tokenizer
+tokenizer.get_encoding()
+with open("/proc/self/status") as f:  # resident memory once everything is imported
+    imported_mib = int(f.read().split("VmRSS:")[1].split()[0]) / 1024
 start = time.perf_counter()
 meta = dataset.build(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 seconds = time.perf_counter() - start
 tokens = sum(split["tokens"] for split in meta["splits"].values())
 peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_rss_mib": peak_mib}))
+print(json.dumps({"tokens": tokens, "seconds": seconds, "peak_rss_mib": peak_mib, "imported_rss_mib": imported_mib}))
 """
 
 
@@ -127,9 +130,11 @@ def main():
         figures[f"{shape}_ratio"] = summary(ratios)
         print(f"{'':<28} {'ratio':<8} {min(ratios):>10.2f} {statistics.median(ratios):>10.2f} {max(ratios):>10.2f}")
     print(f"\nwhole dataset.py builds (SHARD_SIZE={args.shard_size:,}, fresh process each)")
-    print(f"{'tokens':>12} {'tokens/s':>12} {'peak RSS MiB':>14}")
+    print(f"{'tokens':>12} {'tokens/s':>12} {'peak RSS MiB':>14} {'after imports':>14} {'growth':>8}")
     for build in builds:
-        print(f"{build['tokens']:>12,} {build['tokens'] / build['seconds']:>12,.0f} {build['peak_rss_mib']:>14,.0f}")
+        growth = build["peak_rss_mib"] - build["imported_rss_mib"]
+        print(f"{build['tokens']:>12,} {build['tokens'] / build['seconds']:>12,.0f} {build['peak_rss_mib']:>14,.0f} "
+              f"{build['imported_rss_mib']:>14,.0f} {growth:>8,.0f}")
 
     import torch  # only for the record
 
