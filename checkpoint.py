@@ -8,6 +8,7 @@ would run code when unpickled is refused instead of executed.
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import torch
@@ -16,6 +17,7 @@ from env import UserError, env_str
 from model import GPT, GPTConfig
 
 NAME = re.compile(r"^model_(\d{5,})\.pt$")
+TEMPORARY = re.compile(r"^model_\d{5,}\.pt\.tmp\d+$")  # what save() writes before its rename
 
 
 def checkpoint_path(log_dir, step):
@@ -50,9 +52,18 @@ def save(state, path):
 
 
 def prune(log_dir, keep):
-    """Delete all but the newest `keep` checkpoints of this run's naming scheme."""
+    """Delete all but the newest `keep` checkpoints (0 keeps all). Only files named model_NNNNN.pt
+    are ever considered, so nothing else in log_dir is touched."""
     for _, path in list_checkpoints(log_dir)[:-keep] if keep > 0 else []:
         os.remove(path)
+
+
+def remove_stale_temporaries(log_dir):
+    """Delete half-written checkpoints (model_NNNNN.pt.tmpPID) a killed run left behind."""
+    if os.path.isdir(log_dir):
+        for name in os.listdir(log_dir):
+            if TEMPORARY.match(name):
+                os.remove(os.path.join(log_dir, name))
 
 
 def load(path):
@@ -60,21 +71,43 @@ def load(path):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols say nothing to a user
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
-        raise UserError(f"{path} is not a safe checkpoint (refused to unpickle: {first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {error})".splitlines()[0]) from None
+        # weights_only refuses any class or function reference instead of importing it
+        blocked = re.search(r"GLOBAL (\S+)", str(error))
+        if blocked:
+            raise UserError(f"{path} is not a safe checkpoint: unpickling it would load {blocked.group(1)}, "
+                            "so it was refused (train.py checkpoints hold only tensors and plain values)") from None
+        raise UserError(f"{path} is not a checkpoint (its contents are not a PyTorch save file)") from None
+    except EOFError:
+        raise UserError(f"{path} is not a readable checkpoint (empty or truncated)") from None
+    except (RuntimeError, zipfile.BadZipFile, OSError, ValueError) as error:
+        reason = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason})") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
     return state
 
 
-def build_model(state, path="checkpoint"):
+# what train.py needs beyond the weights to continue a run exactly where it stopped
+TRAINING_KEYS = {"optimizer": dict, "step": int, "loader": int, "rng": dict, "train_config": dict}
+
+
+def require_training_state(state, path):
+    """Check that a loaded checkpoint can resume training, not just hold weights."""
+    for key, kind in TRAINING_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise UserError(f"{path} cannot resume training: its '{key}' entry is missing or not a {kind.__name__}")
+    if not isinstance(state["rng"].get("cpu"), torch.Tensor):
+        raise UserError(f"{path} cannot resume training: it holds no CPU random-number state")
+
+
+def build_model(state, path="checkpoint", dropout=0.0):
     """A GPT with the checkpoint's shape and weights (on the CPU, in float32)."""
     try:
-        config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE})
+        config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE}, dropout=dropout)
         model = GPT(config)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

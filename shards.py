@@ -1,13 +1,15 @@
 """The on-disk token dataset: `.npy` uint16 shards plus a `meta.json` written last.
 
-dataset.py writes it; train.py and peek_dataset.py read it. Readers take the shard list from
-meta.json, never from a glob, so a half-written dataset (no meta.json) is never trained on.
+dataset.py writes it; train.py (through `TokenLoader`) and peek_dataset.py read it. Readers take the
+shard list from meta.json, never from a glob, so a half-written dataset (no meta.json) is never
+trained on.
 """
 
 import json
 import os
 
 import numpy as np
+import torch
 
 from env import UserError
 
@@ -62,3 +64,46 @@ def load_shard(path):
         return np.load(path, mmap_mode="r")
     except (ValueError, OSError) as error:
         raise UserError(f"shard {path} is unreadable ({error}): rebuild with FORCE=1 uv run dataset.py") from None
+
+
+class TokenLoader:
+    """Batches of (inputs, targets) from one split, read straight from the memory-mapped shards.
+
+    The split's shards form one token stream that wraps around at its end. `position` is the global
+    token position: where the next group of micro-batches starts, counted over all ranks together.
+    Rank r takes micro-batch r of every group of `world_size`, so 2 ranks see together exactly what 1
+    rank sees in 2 consecutive micro-batches, and a saved position resumes the same stream under any
+    world size.
+    """
+
+    def __init__(self, dataset_path, split, batch_size, seq_length, rank=0, world_size=1, verbose=True):
+        paths = shard_paths(dataset_path, split)
+        if verbose:
+            print(f"found {len(paths)} shards for split {split}")
+        self.shards = [load_shard(path) for path in paths]
+        self.ends = np.cumsum([len(shard) for shard in self.shards])  # stream offset where each shard ends
+        self.total = int(self.ends[-1]) if paths else 0
+        if self.total < 2:
+            raise UserError(f"split {split} of {dataset_path} holds no tokens: rebuild it with FORCE=1 uv run dataset.py")
+        self.batch_size, self.seq_length = batch_size, seq_length
+        self.rank, self.world_size = rank, world_size
+        self.position = 0
+
+    def _read(self, start, count):
+        """`count` tokens of the stream from `start`, crossing shard ends and wrapping at the end."""
+        pieces = []
+        start %= self.total
+        while count > 0:
+            index = int(np.searchsorted(self.ends, start, side="right"))
+            offset = start - (int(self.ends[index - 1]) if index else 0)
+            piece = self.shards[index][offset:offset + count]
+            pieces.append(piece)
+            count -= len(piece)
+            start = (start + len(piece)) % self.total
+        return np.concatenate(pieces).astype(np.int64)
+
+    def next_batch(self):
+        B, T = self.batch_size, self.seq_length
+        tokens = torch.from_numpy(self._read(self.position + self.rank * B * T, B * T + 1))
+        self.position = (self.position + B * T * self.world_size) % self.total
+        return tokens[:-1].view(B, T), tokens[1:].view(B, T)  # the targets are the next tokens
