@@ -70,6 +70,8 @@ def load(path):
     """The checkpoint's dictionary, on the CPU. Anything that is not one of ours is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"checkpoint {path} is not readable (permission denied)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols say nothing to a user
@@ -83,9 +85,11 @@ def load(path):
         raise UserError(f"{path} is not a checkpoint (its contents are not a PyTorch save file)") from None
     except EOFError:
         raise UserError(f"{path} is not a readable checkpoint (empty or truncated)") from None
-    except (RuntimeError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except (RuntimeError, zipfile.BadZipFile, OSError) as error:  # OSError: a seek past a truncated end
         reason = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason})") from None
+    except Exception:  # bytes that are no pickle at all trip the unpickler in many ways
+        raise UserError(f"{path} is not a checkpoint (its contents are not a PyTorch save file)") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
         raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
     return state

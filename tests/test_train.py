@@ -110,13 +110,13 @@ def reference_run(token_dataset, tmp_path_factory):
 
 # ---- learning, log lines, metrics ------------------------------------------------------------
 
-def test_loss_goes_down_with_the_original_log_lines(token_dataset, tmp_path, monkeypatch, capsys):
-    run_train(monkeypatch, token_dataset, tmp_path, MAX_STEPS=15, WARMUP_STEPS=15, MAX_LR="1e-2", EVAL_INTERVAL=10,
+def test_loss_goes_down_with_the_original_log_lines(demo_dataset, tmp_path, monkeypatch, capsys):
+    run_train(monkeypatch, str(demo_dataset), tmp_path, MAX_STEPS=15, WARMUP_STEPS=15, MAX_LR="1e-2", EVAL_INTERVAL=10,
               SAMPLE_INTERVAL=10, CHECKPOINT_INTERVAL=1000, TOTAL_BATCH_SIZE=256, BATCH_SIZE=4, PEAK_TFLOPS=1)
     out, err = capsys.readouterr()
     for line in ("Configuration from environment:", "  N_EMBD: 32", "  DEVICE: cpu (using cpu)",
                  "  DTYPE: float32 (using float32)", "  COMPILE: 0 (using off)", "total desired batch size: 256",
-                 "=> calculated gradient accumulation steps: 2", "found 3 shards for split train",
+                 "=> calculated gradient accumulation steps: 2", "found 13 shards for split train",
                  "found 1 shards for split val", "step     0 | loss: ", "validation loss: ",
                  "rank 0 sample 0: Hello, I'm a language model,", "rank 0 sample 3: "):
         assert line in out
