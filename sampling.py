@@ -5,76 +5,123 @@ With the cache each new token costs one position's forward pass instead of the w
 Run it inside the caller's autocast context (`runtime.autocast()`) for low-precision speed.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch.nn import functional as F
 
+from env import UserError, env_float, env_int
 from model import GPT2_VOCAB_SIZE, KVCache
 from tokenizer import EOT
 
 
-def _next_token_logits(logits, temperature, top_k, top_p):
-    logits = logits[:, :GPT2_VOCAB_SIZE].float()  # padding ids are never emitted
+@dataclass
+class SamplingConfig:
+    """The settings generate.py and prompt.py read from the environment."""
+
+    temperature: float = 0.8  # below 1 sharpens the distribution; 0 is greedy (always the likeliest token)
+    top_k: int = 50  # sample among the k likeliest tokens only; 0 turns it off
+    top_p: float = 0.95  # then among the fewest of those whose probability adds up to top_p; 1 turns it off
+    max_new_tokens: int = 200
+    seed: int = 1337
+
+    @classmethod
+    def from_env(cls):
+        config = cls(
+            temperature=env_float("TEMPERATURE", cls.temperature),
+            top_k=env_int("TOP_K", cls.top_k, minimum=0),
+            top_p=env_float("TOP_P", cls.top_p),
+            max_new_tokens=env_int("MAX_NEW_TOKENS", cls.max_new_tokens),
+            seed=env_int("SEED", cls.seed, minimum=0),
+        )
+        if not 0 < config.top_p <= 1:
+            raise UserError(f"TOP_P must be in (0, 1], got {config.top_p}")
+        return config
+
+    def options(self):
+        """The keyword arguments `stream` and `generate` take."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row of (B, vocab_size) logits. Ids from 50257 up, the padding rows of a
+    50304-wide vocabulary, are never picked."""
+    logits = logits[:, :GPT2_VOCAB_SIZE].float()
     if temperature == 0:
-        return logits
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p and top_p < 1.0:
-        # nucleus: keep the smallest set of tokens whose probability adds up to top_p
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # the token that crosses top_p stays
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
+        return logits.argmax(-1)
+    # the candidates, likeliest first: the top k, or every token when only top_p filters
+    ids = None
+    if top_k and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k)
+    elif top_p and top_p < 1:
+        logits, ids = torch.sort(logits, descending=True)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p and top_p < 1:
+        # nucleus: drop a candidate once the likelier ones already reach top_p (the first always stays)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)  # renormalises what is left
+    return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
 @torch.no_grad()
 def stream(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-           num_samples=1, generator=None, use_cache=True):
-    """Yield a (num_samples,) tensor of new token ids per step. Temperature 0 is greedy.
+           num_samples=1, generator=None, use_cache=True, stop_at_eot=True):
+    """Yield the next token of every row, a (rows,) tensor per step. Temperature 0 is greedy.
 
+    prompt_ids: a list of ids that num_samples rows share, or a (rows, T) tensor of prompts of one
+    length. An empty prompt starts from <|endoftext|>, as every training document does.
+    stop_at_eot: a row that produced <|endoftext|> yields it again from then on, and the stream
+    ends once every row has.
     Past block_size the window slides: uncached, every step sees the last block_size tokens; cached,
-    the cache is rebuilt from the last half block, so later steps are cheap again.
+    a full cache is refilled from the last block_size // 2 tokens, so most steps stay one token.
     """
-    model.eval()
-    block_size = model.config.block_size
     device = next(model.parameters()).device
-    tokens = torch.tensor(prompt_ids, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
-    cache, fresh = None, tokens[:, -block_size:]
-    for _ in range(max_new_tokens):
-        if not use_cache:
-            logits = model.lm_head(model.hidden(tokens[:, -block_size:])[:, -1])
-        else:
-            if cache is None or cache.length + fresh.size(1) > block_size:
-                cache = KVCache(model.config, num_samples)
-                fresh = tokens[:, -(block_size // 2 if tokens.size(1) >= block_size else block_size):]
-            logits = model.lm_head(model.hidden(fresh, cache=cache)[:, -1])
-        logits = _next_token_logits(logits, temperature, top_k, top_p)
-        if temperature == 0:
-            next_ids = logits.argmax(-1)
-        else:
-            next_ids = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-        tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
-        fresh = next_ids[:, None]
-        yield next_ids
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    if prompt.dim() == 1:
+        prompt = prompt.expand(num_samples, -1)
+    if prompt.size(1) == 0:
+        prompt = torch.full((prompt.size(0), 1), EOT, dtype=torch.long, device=device)
+    rows, start = prompt.shape
+    block_size = model.config.block_size
+    # the whole sequence lives in one buffer: a step writes a column instead of copying everything
+    tokens = torch.empty(rows, start + max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, :start] = prompt
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    cache = KVCache(model.config, rows) if use_cache else None
+    was_training = model.training
+    model.eval()
+    try:
+        for end in range(start, start + max_new_tokens):
+            if cache is None:
+                context = tokens[:, max(0, end - block_size):end]
+            elif cache.length == 0 or cache.length == block_size:
+                # (re)fill: the prompt at first (its last block if longer), later the last half block
+                keep = block_size if cache.length == 0 else max(1, block_size // 2)
+                cache.length = 0  # the buffer is reused, only overwritten
+                context = tokens[:, max(0, end - keep):end]
+            else:
+                context = tokens[:, end - 1:end]
+            # the vocabulary projection only for the last position: the only logits sampled from
+            logits = model.lm_head(model.hidden(context, cache=cache)[:, -1])
+            next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+            if stop_at_eot:
+                next_ids = next_ids.masked_fill(done, EOT)
+                done |= next_ids == EOT
+            tokens[:, end] = next_ids
+            yield next_ids
+            if stop_at_eot and done.all():
+                return
+    finally:
+        model.train(was_training)
 
 
 def generate(model, prompt_ids, max_new_tokens, stop_at_eot=True, **kwargs):
-    """A list of new token ids per sample, each cut at its first <|endoftext|> (not included)."""
-    rows = [[] for _ in range(kwargs.get("num_samples", 1))]
-    done = [False] * len(rows)
-    for next_ids in stream(model, prompt_ids, max_new_tokens, **kwargs):
-        for row, token in enumerate(next_ids.tolist()):
-            if done[row]:
-                continue
-            if stop_at_eot and token == EOT:
-                done[row] = True
-            else:
-                rows[row].append(token)
-        if all(done):
-            break
-    return rows
+    """The new token ids of every row as lists, each cut before its first <|endoftext|>."""
+    steps = list(stream(model, prompt_ids, max_new_tokens, stop_at_eot=stop_at_eot, **kwargs))
+    if not steps:  # max_new_tokens == 0
+        return [[] for _ in range(len(prompt_ids) if torch.is_tensor(prompt_ids) else kwargs.get("num_samples", 1))]
+    rows = torch.stack(steps, dim=1).tolist()
+    return [row[:row.index(EOT)] if stop_at_eot and EOT in row else row for row in rows]
 
 
 def make_generator(device, seed):

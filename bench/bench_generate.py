@@ -1,0 +1,85 @@
+"""New tokens/s of generation with and without the key/value cache, 124M configuration.
+
+    uv run python -m bench.bench_generate [--repeats 2] [--device auto] [--dtype auto]
+
+A randomly initialised GPT-2 124M (vocabulary 50,304, block 1,024) answers generate.py's question
+in the training format with prompt.py's default sampling (temperature 0.8, top-k 50, top-p 0.95),
+200 new tokens a run, never stopping early, at batch 1 and 4. New tokens/s counts every row's tokens
+over the whole call, prompt included. Cached and uncached runs alternate so that machine noise hits
+both alike; the ratio is taken within each pair. Where the default precision is not float32 (bf16
+autocast on CPUs with native bf16, CUDA), cached float32 joins the batch-1 rounds as a third side.
+"""
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+import torch
+
+from bench import report
+from device import setup
+from generate import QUESTION, question_prompt
+from model import GPT, GPTConfig
+from sampling import SamplingConfig, make_generator, stream
+from tokenizer import EOT, encode
+
+
+def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
+    generator = make_generator(runtime.device, 0)
+    runtime.synchronize()
+    start = time.perf_counter()
+    with runtime.autocast():
+        for _ in stream(model, prompt, new_tokens, num_samples=batch, generator=generator, use_cache=use_cache,
+                        stop_at_eot=False, **SamplingConfig().options()):
+            pass
+    runtime.synchronize()
+    return batch * new_tokens / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]  # this machine is shared: say how busy
+    runtime = setup(args.device, args.dtype)
+    fp32 = dataclasses.replace(runtime, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).to(runtime.device).eval()
+    prompt = [EOT] + encode(question_prompt(QUESTION))
+
+    sides = {"cached": (runtime, True), "uncached": (runtime, False)}
+    if runtime.dtype != torch.float32:
+        sides["cached fp32"] = (fp32, True)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    runs = {(b, side): [] for b in batches for side in sides if b == 1 or side != "cached fp32"}
+    for rt, use_cache in sides.values():  # warm-up: kernel choice, allocator
+        new_tokens_per_s(model, rt, prompt, max(batches), 4, use_cache)
+    print(f"124M, {runtime.device}, {runtime.dtype_name}, {torch.get_num_threads()} threads, prompt {len(prompt)} tokens, "
+          f"{args.new_tokens} new tokens, {args.repeats} repeats")
+    for repeat in range(args.repeats):
+        for (batch, side), values in runs.items():
+            rt, use_cache = sides[side]
+            values.append(new_tokens_per_s(model, rt, prompt, batch, args.new_tokens, use_cache))
+            print(f"  repeat {repeat + 1}: batch {batch} {side}: {values[-1]:.1f} new tokens/s", flush=True)
+
+    figures, rows = {}, []
+    for (batch, side), values in runs.items():
+        ratios = [c / u for c, u in zip(values, runs[(batch, "uncached")])]
+        figures.setdefault(f"batch_{batch}", {})[side] = {**report.spread(values), "ratio_to_uncached": report.spread(ratios)}
+        rows.append([batch, side, min(values), statistics.median(values), max(values), f"{statistics.median(ratios):.2f}x"])
+    print(f"new tokens/s ({runtime.dtype_name} unless marked), ratio: median over pairs of the same repeat")
+    report.table(["batch", "side", "min", "median", "max", "vs uncached"], rows)
+    config = {**vars(args), "model": GPTConfig().shape(), "prompt_tokens": len(prompt), "dtype": runtime.dtype_name,
+              "sampling": SamplingConfig().options(), "load_average_before_after": [load_before, os.getloadavg()[0]],
+              "seconds": round(time.perf_counter() - started, 1)}
+    report.save("generate", figures, config, runtime.device)
+
+
+if __name__ == "__main__":
+    main()

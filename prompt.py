@@ -1,0 +1,119 @@
+"""Chat with a trained checkpoint: every line you type is a question, the answer streams back.
+
+    uv run prompt.py
+    TESTING_MODEL_PATH=log/model_00049.pt TEMPERATURE=0.6 uv run prompt.py
+    printf 'temp 0.5\\nWhat is inertia?\\nquit\\n' | uv run prompt.py   # scripted
+
+Commands: `quit` (or end of input, or Ctrl-C), `temp X` (0.1 to 2.0), `tokens X` (1 to 1000).
+The model and the other settings come as in generate.py.
+"""
+
+import codecs
+import sys
+
+from env import cli
+from generate import load_model, question_prompt
+from sampling import SamplingConfig, make_generator, stream
+from tokenizer import EOT, encode, get_encoding
+
+BANNER = """
+Tiny Physics GPT Chatbot
+------------------------
+Type 'quit' to exit
+Type 'temp X' to change temperature (0.1-2.0)
+Type 'tokens X' to change max tokens (1-1000)"""
+
+# an answer ends where the model starts the next training document or the next question
+STOP = "\nQuestion:"
+
+
+def _unsure_tail(text):
+    """How many final characters of `text` could still grow into STOP, so must wait to be shown."""
+    return next((n for n in range(len(STOP) - 1, 0, -1) if text.endswith(STOP[:n])), 0)
+
+
+def answer_pieces(token_ids):
+    """The answer's text, piece by piece as the tokens arrive (ints): the bytes of a character split
+    across tokens wait for the rest of it, and the text ends before <|endoftext|> or STOP."""
+    encoding = get_encoding()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text, shown = "", 0
+    for token in token_ids:
+        if token == EOT:
+            break
+        text += decoder.decode(encoding.decode_single_token_bytes(token))
+        if shown == 0:
+            text = text.lstrip(" ")  # "Answer:" is followed by a space the reply does not need
+        if STOP in text:
+            break
+        ready = len(text) - _unsure_tail(text)
+        if ready > shown:
+            yield text[shown:ready]
+            shown = ready
+    text = (text + decoder.decode(b"", final=True)).split(STOP)[0]
+    if len(text) > shown:
+        yield text[shown:]
+
+
+# the REPL's commands: the setting each changes, its type and its range
+COMMANDS = {"temp": ("temperature", float, 0.1, 2.0, "Temperature"),
+            "tokens": ("max_new_tokens", int, 1, 1000, "Max tokens")}
+
+
+def change_setting(settings, command, value):
+    """Apply `temp X` / `tokens X`; return the line that says what happened."""
+    field, kind, low, high, label = COMMANDS[command]
+    try:
+        number = kind(value)
+    except ValueError:
+        return f"{label} must be a number from {low} to {high} (type '{command} X'), got {value!r}"
+    if not low <= number <= high:  # also refuses nan
+        return f"{label} must be between {low} and {high}, got {value}"
+    setattr(settings, field, number)
+    return f"{label} set to {number}"
+
+
+def repl(model, runtime, settings, generator):
+    """Read lines from stdin until `quit`, end of input or Ctrl-C; answer every question."""
+    print(BANNER)
+    while True:
+        try:
+            line = input("\nYou: ")
+        except (EOFError, KeyboardInterrupt):
+            print("\nGoodbye!")
+            return
+        if not sys.stdin.isatty():
+            print(line)  # a scripted session reads like a typed one
+        words = line.split()
+        if not words:
+            continue
+        command = words[0].lower()
+        if command in ("quit", "exit") and len(words) == 1:
+            print("Goodbye!")
+            return
+        if command in COMMANDS and len(words) <= 2:  # "temp of the sun?" is a question
+            print(change_setting(settings, command, words[1] if len(words) == 2 else ""))
+            continue
+        print("\nBot: ", end="", flush=True)
+        ids = [EOT] + encode(question_prompt(line.strip()))  # a training document starts after <|endoftext|>
+        try:
+            with runtime.autocast():
+                tokens = stream(model, ids, settings.max_new_tokens, generator=generator, **settings.options())
+                for piece in answer_pieces(next_ids.item() for next_ids in tokens):
+                    print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print("\nGoodbye!")
+            return
+        print()
+
+
+@cli
+def main():
+    settings = SamplingConfig.from_env()
+    print("Loading model...")
+    model, runtime = load_model()
+    repl(model, runtime, settings, make_generator(runtime.device, settings.seed))
+
+
+if __name__ == "__main__":
+    main()
