@@ -79,7 +79,9 @@ def load_records(kind, source, cache_dir):
             raise UserError(f"HF_DATASET_NAME={source}: no such dataset on the Hugging Face Hub, "
                             f"and no such local file") from None
         except OSError as error:  # network failures, a gated dataset without a login, ...
-            raise UserError(f"downloading {source} failed ({error}); {OFFLINE_HINT}") from None
+            raise UserError(f"downloading {source} failed ({reason(error)}); {OFFLINE_HINT}") from None
+        except ValueError as error:  # e.g. a dataset with several configurations
+            raise UserError(f"cannot load {source} from the Hub: {reason(error)}") from None
     if kind == "file" and os.path.getsize(source) == 0:
         raise UserError(f"{source} is empty")
     try:
@@ -91,9 +93,13 @@ def load_records(kind, source, cache_dir):
     except FileNotFoundError:
         raise UserError(f"{source} is a folder but not a dataset saved with datasets' save_to_disk") from None
     except Exception as error:  # whatever the parser raises: the file is not what its name says
-        cause = error.__cause__ or error
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise UserError(f"cannot read {source}: {message}") from None
+        raise UserError(f"cannot read {source}: {reason(error.__cause__ or error)}") from None
+
+
+def reason(error):
+    """The first line of an exception's message, for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _train_split(loaded, source):

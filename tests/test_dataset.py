@@ -202,8 +202,11 @@ def test_bad_inputs_fail_in_one_line_and_keep_the_dataset(natural_reasoning_file
     def not_found(*args, **kwargs):
         raise datasets.exceptions.DatasetNotFoundError("Dataset 'nobody/nothing' doesn't exist on the Hub")
 
+    def needs_config(*args, **kwargs):
+        raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['a', 'b']")
+
     hub_down = {"reachable": lambda *a, **k: False}
-    hub_up_not_found = {"require": lambda *a, **k: None}
+    hub_up = {"require": lambda *a, **k: None}
     cases = [  # (environment, expected message, patches of hub, replace datasets.load_dataset)
         ({"HF_DATASET_NAME": tmp_path / "bad.jsonl"}, r"cannot read .*bad\.jsonl", {}, None),
         ({"HF_DATASET_NAME": tmp_path / "bad.parquet"}, r"cannot read .*bad\.parquet", {}, None),
@@ -213,7 +216,9 @@ def test_bad_inputs_fail_in_one_line_and_keep_the_dataset(natural_reasoning_file
         ({"HF_DATASET_NAME": tmp_path / "one.jsonl"}, r"1 record\(s\): at least 2 are needed", {}, None),
         ({"HF_DATASET_NAME": tmp_path / "missing.jsonl"}, r"no such file", {}, None),
         ({"HF_DATASET_NAME": "facebook/natural_reasoning"}, r"cannot reach .*HF_DATASET_NAME=demo.*local", hub_down, None),
-        ({"HF_DATASET_NAME": "nobody/nothing"}, r"no such dataset on the Hugging Face Hub", hub_up_not_found, not_found),
+        ({"HF_DATASET_NAME": "nobody/nothing"}, r"no such dataset on the Hugging Face Hub", hub_up, not_found),
+        ({"HF_DATASET_NAME": "nobody/configs"}, r"cannot load nobody/configs from the Hub: Config name is missing\.$",
+         hub_up, needs_config),
         ({"HF_DATASET_NAME": "demo", "SHARD_SIZE": "2.5"}, r"SHARD_SIZE must be a whole number", {}, None),
         ({"HF_DATASET_NAME": "demo", "SHARD_SIZE": "0"}, r"SHARD_SIZE must be >= 1", {}, None),
         ({"HF_DATASET_NAME": "demo", "SHARD_SIZE": "lots"}, r"SHARD_SIZE must be an integer", {}, None),
