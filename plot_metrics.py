@@ -58,6 +58,7 @@ def plot(frame, out_path):
     else:
         hellaswag_ax.text(0.5, 0.5, "no HellaSwag evaluations\n(HELLASWAG_LIMIT=-1, or no data)",
                           ha="center", va="center", transform=hellaswag_ax.transAxes, color="gray")
+        hellaswag_ax.set_xlim(steps.min(), max(steps.max(), steps.min() + 1))
     hellaswag_ax.set(title="HellaSwag accuracy", xlabel="step", ylabel="accuracy")
 
     lr_ax.plot(steps, frame["lr"], color="tab:purple")

@@ -24,7 +24,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import device
-import hellaswag
 import sampling
 import shards
 import tokenizer
@@ -292,6 +291,8 @@ def load_hellaswag(limit, runtime):
     """HellaSwag rows for the periodic evaluation, or None: off (-1), or no data (one warning)."""
     if limit < 0:
         return None
+    import hellaswag  # imported only when HellaSwag is on
+
     # rank 0 fetches the rows into the cache first, so the ranks never download side by side
     examples = None
     for turn in ("first", "then"):
@@ -308,6 +309,8 @@ def load_hellaswag(limit, runtime):
 
 def hellaswag_accuracy(model, runtime, examples):
     """acc_norm on `examples`; hellaswag.py owns the scoring and shares it across the ranks."""
+    import hellaswag
+
     result = hellaswag.evaluate(model, runtime, examples)
     if runtime.master:
         print(f"HellaSwag accuracy: {result.correct_norm}/{result.total}={result.acc_norm:.4f}")

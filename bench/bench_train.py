@@ -1,0 +1,157 @@
+"""Training speed: tokens/s and MFU of train.py's own update step, tiny and small configurations.
+
+    uv run python -m bench.bench_train                 # tiny and small, default precision (< 3 min)
+    uv run python -m bench.bench_train --parity        # does the default precision learn like fp32?
+
+Each repeat times `--steps` calls of train.train_step (one update: BATCH_SIZE=8 x SEQ_LENGTH=256
+tokens, AdamW, clipping, the data loader over memory-mapped shards), alternating the
+configurations so machine noise hits both alike. MFU is against the device's bf16 matmul peak:
+bench/results/matmul_peak.json when bench_matmul_peak has run, else measured here.
+
+--parity trains the tiny configuration 100 updates on the demo corpus in float32 and in the default
+precision from the same initial weights and batches, and reports the mean loss of updates 91-100 of
+each (the performance issue asks for them to agree within 0.02).
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import device
+import shards
+import train
+from bench import report
+from bench.bench_matmul_peak import matmul_flops_per_s
+from model import GPT, GPTConfig
+
+SHAPES = {"tiny": dict(n_layer=2, n_head=2, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384)}
+COMMON = dict(block_size=256, vocab_size=50304)
+BATCH_SIZE, SEQ_LENGTH = 8, 256
+
+
+def random_token_dataset(path, tokens=1_000_000, seed=0):
+    """Random GPT-2 ids in shards.py's format: the step's cost does not depend on what it reads."""
+    ids = np.random.default_rng(seed).integers(0, 50257, tokens, dtype=np.uint16)
+    names = {split: [shards.shard_name(split, 0)] for split in ("train", "val")}
+    for split in names:
+        np.save(os.path.join(path, names[split][0]), ids)
+    shards.write_meta(path, {"splits": {split: {"shards": names[split], "tokens": tokens, "documents": 0}
+                                        for split in names}})
+
+
+class Setup:
+    """One configuration ready to step: the same objects train.py builds."""
+
+    def __init__(self, name, runtime, dataset_path, use_compile, seed=1337):
+        torch.manual_seed(seed)
+        self.raw = GPT(GPTConfig(**COMMON, **SHAPES[name])).to(runtime.device)
+        self.model = torch.compile(self.raw) if use_compile else self.raw
+        self.optimizer = self.raw.configure_optimizers(0.1, 6e-4, runtime.device_type, verbose=False)
+        self.scaler = train.grad_scaler(runtime)
+        self.loader = shards.TokenLoader(dataset_path, "train", BATCH_SIZE, SEQ_LENGTH, verbose=False)
+        self.runtime = runtime
+
+    def step(self, lr=6e-4):
+        loss, _ = train.train_step(self.model, self.optimizer, self.scaler, self.loader, self.runtime, 1, lr)
+        return loss.item()  # waits for the device, as train.py's loop does
+
+
+def bf16_peak(runtime):
+    recorded = report.read_peak(runtime.device, "bfloat16")
+    if recorded:
+        return recorded, "bench/results/matmul_peak.json"
+    return max(matmul_flops_per_s(2048, torch.bfloat16, runtime.device, seconds=0.3) for _ in range(3)), "measured here"
+
+
+def speed(args, runtime):
+    use_compile = runtime.device_type == "cuda" if args.compile == "auto" else args.compile == "1"
+    with tempfile.TemporaryDirectory() as dataset_path:
+        random_token_dataset(dataset_path)
+        setups = {name: Setup(name, runtime, dataset_path, use_compile) for name in args.configs}
+        for setup in setups.values():
+            for _ in range(args.warmup):
+                setup.step()
+        runs = {name: [] for name in setups}
+        for _ in range(args.repeats):  # alternate the configurations
+            for name, setup in setups.items():
+                runtime.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    setup.step()
+                runs[name].append(args.steps * BATCH_SIZE * SEQ_LENGTH / (time.perf_counter() - start))
+    peak, peak_source = bf16_peak(runtime)
+    figures = {}
+    for name, values in runs.items():
+        flops = setups[name].raw.flops_per_token(SEQ_LENGTH)
+        figures[name] = {"tok_per_sec": report.spread(values),
+                         "mfu": report.spread([v * flops / peak for v in values]),
+                         "params": setups[name].raw.num_params(), "flops_per_token": flops}
+    print(f"train.train_step, {runtime.device} {runtime.dtype_name}, compile {'on' if use_compile else 'off'}, "
+          f"{torch.get_num_threads()} threads, batch {BATCH_SIZE}x{SEQ_LENGTH}, {args.repeats} repeats of {args.steps} steps")
+    print(f"MFU against the bf16 matmul peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})")
+    report.table(["config", "tok/s min", "median", "max", "MFU % min", "median", "max"],
+                 [[name, f["tok_per_sec"]["min"], f["tok_per_sec"]["median"], f["tok_per_sec"]["max"],
+                   100 * f["mfu"]["min"], 100 * f["mfu"]["median"], 100 * f["mfu"]["max"]] for name, f in figures.items()])
+    config = {**vars(args), "dtype": runtime.dtype_name, "compile": use_compile, "batch_size": BATCH_SIZE,
+              "seq_length": SEQ_LENGTH, "peak_bf16_flops": peak, "peak_source": peak_source}
+    report.save("train", figures, config, runtime.device)
+
+
+def demo_dataset_path():
+    """The demo corpus, built once into bench/results/ (ignored by git)."""
+    import dataset
+
+    path = os.path.join(report.RESULTS, "demo_dataset")
+    if not os.path.isfile(os.path.join(path, shards.META)):
+        dataset.build("demo", path, 10**8)
+    return path
+
+
+def parity(args):
+    """Mean loss of updates 91-100 of the tiny configuration in float32 and the default precision."""
+    dataset_path = demo_dataset_path()
+    schedule = train.TrainConfig(max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=100)
+    results = {}
+    for dtype in ("float32", args.dtype):
+        runtime = device.setup(args.device, dtype)
+        setup = Setup("tiny", runtime, dataset_path, use_compile=False)
+        start = time.perf_counter()
+        losses = [setup.step(train.get_lr(step, schedule)) for step in range(schedule.max_steps)]
+        results[runtime.dtype_name] = {"mean_loss_91_100": float(np.mean(losses[90:])),
+                                       "seconds": time.perf_counter() - start, "losses": losses}
+    print("tiny configuration, 100 updates of 2,048 demo tokens, MAX_LR 3e-3, warm-up 10, cosine to 3e-4")
+    report.table(["dtype", "mean loss 91-100", "seconds"],
+                 [[name, f"{r['mean_loss_91_100']:.4f}", r["seconds"]] for name, r in results.items()])
+    names = list(results)
+    if len(names) == 2:
+        print(f"difference: {abs(results[names[0]]['mean_loss_91_100'] - results[names[1]]['mean_loss_91_100']):.4f}")
+    report.save("train_parity", results, vars(args), args.device)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small")
+    parser.add_argument("--steps", type=int, default=3, help="updates per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="auto (as train.py chooses), float32, bfloat16, float16")
+    parser.add_argument("--compile", default="auto", choices=["auto", "0", "1"])
+    parser.add_argument("--parity", action="store_true", help="fp32 against the default precision, 100 updates")
+    args = parser.parse_args()
+    args.configs = [name.strip() for name in args.configs.split(",")]
+    unknown = [name for name in args.configs if name not in SHAPES]
+    if unknown:
+        parser.error(f"unknown configuration {unknown[0]!r}: choose from {', '.join(SHAPES)}")
+    if args.parity:
+        parity(args)
+    else:
+        speed(args, device.setup(args.device, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
