@@ -211,6 +211,8 @@ def claim_log_dir(cfg, state, path, master):
         os.makedirs(cfg.log_dir, exist_ok=True)
     except OSError as error:
         raise UserError(f"LOG_DIR {cfg.log_dir} cannot be created: {error.strerror}") from None
+    if not os.access(cfg.log_dir, os.W_OK):  # found now, not at the first checkpoint hours later
+        raise UserError(f"LOG_DIR {cfg.log_dir} is not writable")
     if master:
         for p in foreign:
             print(f"FORCE=1: deleting {p}")
@@ -503,11 +505,11 @@ def train(cfg, runtime, raw_model, shape_source, state, path):
         if step > 0 and step % cfg.sample_interval == 0 and master:
             print_samples(raw_model, runtime, cfg.seed)
 
-        t0 = time.time()
+        t0 = time.perf_counter()
         lr = get_lr(step, cfg)
         loss, norm = train_step(model, optimizer, scaler, train_loader, runtime, grad_accum_steps, lr)
         loss, norm = loss.item(), norm.item()  # waits for the device
-        dt = time.time() - t0
+        dt = time.perf_counter() - t0
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = flops_per_token * tokens_per_sec / (peak * world) if peak else None
         if master:

@@ -118,6 +118,7 @@ def parity(args):
     results = {}
     for dtype in ("float32", args.dtype):
         runtime = device.setup(args.device, dtype)
+        print(f"{runtime.dtype_name}: {schedule.max_steps} updates of the tiny configuration...", flush=True)
         setup = Setup("tiny", runtime, dataset_path, use_compile=False)
         start = time.perf_counter()
         losses = [setup.step(train.get_lr(step, schedule)) for step in range(schedule.max_steps)]
