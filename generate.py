@@ -37,12 +37,11 @@ def question_prompt(question):
     return f"Question: {question}\nAnswer:"
 
 
-def complete(model, runtime, text, settings, generator):
+def complete(model, text, settings, generator):
     """`text` followed by the model's continuation of it."""
     ids = encode(text)
-    with runtime.autocast():
-        # <|endoftext|> first: every training document starts after one
-        new = generate(model, [EOT] + ids, settings.max_new_tokens, generator=generator, **settings.options())[0]
+    # <|endoftext|> first: every training document starts after one
+    new = generate(model, [EOT] + ids, settings.max_new_tokens, generator=generator, **settings.options())[0]
     return decode(ids + new)
 
 
@@ -52,15 +51,15 @@ def main():
     print("Starting model generation demo...")
     model, runtime = load_model()
     generator = make_generator(runtime.device, settings.seed)
+    with runtime.autocast():  # one context: the low-precision copy of the weights is made once
+        print("\nExample 1: Direct text generation")
+        print(f"Prompt: {PROMPT}")
+        print(f"Response: {complete(model, PROMPT, settings, generator)}")
+        print("\n" + "-" * 60)
 
-    print("\nExample 1: Direct text generation")
-    print(f"Prompt: {PROMPT}")
-    print(f"Response: {complete(model, runtime, PROMPT, settings, generator)}")
-    print("\n" + "-" * 60)
-
-    print("\nExample 2: Question answering")
-    print(f"Question: {QUESTION}")
-    print(f"Response: {complete(model, runtime, question_prompt(QUESTION), settings, generator)}")
+        print("\nExample 2: Question answering")
+        print(f"Question: {QUESTION}")
+        print(f"Response: {complete(model, question_prompt(QUESTION), settings, generator)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Type 'quit' to exit
 Type 'temp X' to change temperature (0.1-2.0)
 Type 'tokens X' to change max tokens (1-1000)"""
 
-# an answer ends where the model starts the next training document or the next question
+# besides at <|endoftext|>, an answer ends where the model starts asking the next question
 STOP = "\nQuestion:"
 
 
@@ -73,7 +73,7 @@ def change_setting(settings, command, value):
     return f"{label} set to {number}"
 
 
-def repl(model, runtime, settings, generator):
+def repl(model, settings, generator):
     """Read lines from stdin until `quit`, end of input or Ctrl-C; answer every question."""
     print(BANNER)
     while True:
@@ -96,11 +96,10 @@ def repl(model, runtime, settings, generator):
             continue
         print("\nBot: ", end="", flush=True)
         ids = [EOT] + encode(question_prompt(line.strip()))  # a training document starts after <|endoftext|>
+        tokens = stream(model, ids, settings.max_new_tokens, generator=generator, **settings.options())
         try:
-            with runtime.autocast():
-                tokens = stream(model, ids, settings.max_new_tokens, generator=generator, **settings.options())
-                for piece in answer_pieces(next_ids.item() for next_ids in tokens):
-                    print(piece, end="", flush=True)
+            for piece in answer_pieces(next_ids.item() for next_ids in tokens):
+                print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print("\nGoodbye!")
             return
@@ -112,7 +111,8 @@ def main():
     settings = SamplingConfig.from_env()
     print("Loading model...")
     model, runtime = load_model()
-    repl(model, runtime, settings, make_generator(runtime.device, settings.seed))
+    with runtime.autocast():  # for the whole session: the low-precision copy of the weights is made once
+        repl(model, settings, make_generator(runtime.device, settings.seed))
 
 
 if __name__ == "__main__":

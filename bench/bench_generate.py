@@ -1,6 +1,6 @@
 """New tokens/s of generation with and without the key/value cache, 124M configuration.
 
-    uv run python -m bench.bench_generate [--repeats 2] [--device auto] [--dtype auto]
+    uv run python -m bench.bench_generate [--repeats 2] [--repeats-batch-4 1] [--device auto] [--dtype auto] [--threads N]
 
 A randomly initialised GPT-2 124M (vocabulary 50,304, block 1,024) answers generate.py's question
 in the training format with prompt.py's default sampling (temperature 0.8, top-k 50, top-p 0.95),
@@ -8,6 +8,8 @@ in the training format with prompt.py's default sampling (temperature 0.8, top-k
 over the whole call, prompt included. Cached and uncached runs alternate so that machine noise hits
 both alike; the ratio is taken within each pair. Where the default precision is not float32 (bf16
 autocast on CPUs with native bf16, CUDA), cached float32 joins the batch-1 rounds as a third side.
+On a machine other processes keep busy, `--threads 1` avoids parallel kernels waiting for a thread
+the OS has put aside (measured here: a bf16 matrix-vector product 100x slower on 2 busy cores).
 """
 
 import argparse
@@ -40,12 +42,15 @@ def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds at batch 1")
+    parser.add_argument("--repeats-batch-4", type=int, default=1, help="rounds at batch 4 (its uncached run is the longest)")
     parser.add_argument("--new-tokens", type=int, default=200)
-    parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice, one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]  # this machine is shared: say how busy
     runtime = setup(args.device, args.dtype)
     fp32 = dataclasses.replace(runtime, dtype=torch.float32)
@@ -56,14 +61,16 @@ def main():
     sides = {"cached": (runtime, True), "uncached": (runtime, False)}
     if runtime.dtype != torch.float32:
         sides["cached fp32"] = (fp32, True)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
-    runs = {(b, side): [] for b in batches for side in sides if b == 1 or side != "cached fp32"}
+    repeats = {1: args.repeats, 4: args.repeats_batch_4}
+    runs = {(batch, side): [] for batch in repeats for side in sides if batch == 1 or side != "cached fp32"}
     for rt, use_cache in sides.values():  # warm-up: kernel choice, allocator
-        new_tokens_per_s(model, rt, prompt, max(batches), 4, use_cache)
+        new_tokens_per_s(model, rt, prompt, 4, 4, use_cache)
     print(f"124M, {runtime.device}, {runtime.dtype_name}, {torch.get_num_threads()} threads, prompt {len(prompt)} tokens, "
-          f"{args.new_tokens} new tokens, {args.repeats} repeats")
-    for repeat in range(args.repeats):
+          f"{args.new_tokens} new tokens, repeats: {args.repeats} at batch 1, {args.repeats_batch_4} at batch 4")
+    for repeat in range(max(repeats.values())):
         for (batch, side), values in runs.items():
+            if repeat >= repeats[batch]:
+                continue
             rt, use_cache = sides[side]
             values.append(new_tokens_per_s(model, rt, prompt, batch, args.new_tokens, use_cache))
             print(f"  repeat {repeat + 1}: batch {batch} {side}: {values[-1]:.1f} new tokens/s", flush=True)
@@ -73,7 +80,7 @@ def main():
         ratios = [c / u for c, u in zip(values, runs[(batch, "uncached")])]
         figures.setdefault(f"batch_{batch}", {})[side] = {**report.spread(values), "ratio_to_uncached": report.spread(ratios)}
         rows.append([batch, side, min(values), statistics.median(values), max(values), f"{statistics.median(ratios):.2f}x"])
-    print(f"new tokens/s ({runtime.dtype_name} unless marked), ratio: median over pairs of the same repeat")
+    print(f"new tokens/s ({runtime.dtype_name} unless marked); vs uncached ({runtime.dtype_name}): median over the pairs of a round")
     report.table(["batch", "side", "min", "median", "max", "vs uncached"], rows)
     config = {**vars(args), "model": GPTConfig().shape(), "prompt_tokens": len(prompt), "dtype": runtime.dtype_name,
               "sampling": SamplingConfig().options(), "load_average_before_after": [load_before, os.getloadavg()[0]],

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import checkpoint
-import device
 import prompt
 from model import GPT, GPTConfig
 from sampling import SamplingConfig
@@ -56,7 +55,7 @@ def scripted(model, text):
 def chat(monkeypatch, capsys, model, typed, settings=None):
     """Run the REPL on `typed` as standard input; its output."""
     monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
-    prompt.repl(model, device.setup("cpu", "float32"), settings or SamplingConfig(), torch.Generator().manual_seed(0))
+    prompt.repl(model, settings or SamplingConfig(), torch.Generator().manual_seed(0))
     return capsys.readouterr().out
 
 
@@ -136,7 +135,7 @@ def test_ctrl_c_exits_cleanly(tiny, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("builtins.input", interrupt)
-    prompt.repl(model, device.setup("cpu", "float32"), SamplingConfig(), None)
+    prompt.repl(model, SamplingConfig(), None)
     assert capsys.readouterr().out.endswith("\nGoodbye!\n")
 
     monkeypatch.undo()
