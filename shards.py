@@ -84,7 +84,8 @@ class TokenLoader:
         self.ends = np.cumsum([len(shard) for shard in self.shards])  # stream offset where each shard ends
         self.total = int(self.ends[-1]) if paths else 0
         if self.total < 2:
-            raise UserError(f"split {split} of {dataset_path} holds no tokens: rebuild it with FORCE=1 uv run dataset.py")
+            raise UserError(f"split {split} of {dataset_path} holds no tokens: "
+                            "rebuild it with FORCE=1 uv run dataset.py")
         self.batch_size, self.seq_length = batch_size, seq_length
         self.rank, self.world_size = rank, world_size
         self.position = 0

@@ -116,8 +116,8 @@ class TrainConfig:
             raise UserError(f"MIN_LR ({self.min_lr}) must not exceed MAX_LR ({self.max_lr})")
         micro_tokens = self.batch_size * self.seq_length * world_size
         if self.total_batch_size % micro_tokens:
-            raise UserError(f"TOTAL_BATCH_SIZE ({self.total_batch_size}) must be divisible by BATCH_SIZE * "
-                            f"SEQ_LENGTH * world size ({self.batch_size} * {self.seq_length} * {world_size} = {micro_tokens})")
+            raise UserError(f"TOTAL_BATCH_SIZE ({self.total_batch_size}) must be divisible by BATCH_SIZE * SEQ_LENGTH "
+                            f"* world size ({self.batch_size} * {self.seq_length} * {world_size} = {micro_tokens})")
         device.pick_dtype(device.pick_device(self.device), self.dtype)  # DEVICE and DTYPE: known values?
         if not self.resume and self.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(self.init_from):
             raise UserError(f"INIT_FROM must be scratch, {', '.join(PRETRAINED)} or a directory holding a "
@@ -376,7 +376,8 @@ def restore_training_state(state, path, optimizer, scaler, loader, runtime, cfg)
         elif runtime.device_type == "mps" and "mps" in state["rng"]:
             torch.mps.set_rng_state(state["rng"]["mps"])
     except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise UserError(f"{path} holds an optimizer state this model cannot use: {str(error).splitlines()[0]}") from None
+        reason = str(error).splitlines()[0]
+        raise UserError(f"{path} holds an optimizer state this model cannot use: {reason}") from None
     optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays; WEIGHT_DECAY may have changed
     loader.position = state["loader"] % loader.total
 

@@ -86,13 +86,15 @@ def speed(args, runtime):
                          "mfu": report.spread([v * flops / peak for v in values]),
                          "params": setups[name].raw.num_params(), "flops_per_token": flops}
     print(f"train.train_step, {runtime.device} {runtime.dtype_name}, compile {'on' if use_compile else 'off'}, "
-          f"{torch.get_num_threads()} threads, batch {BATCH_SIZE}x{SEQ_LENGTH}, {args.repeats} repeats of {args.steps} steps")
+          f"{torch.get_num_threads()} threads, batch {BATCH_SIZE}x{SEQ_LENGTH}, "
+          f"{args.repeats} repeats of {args.steps} steps")
     recorded = report.read_peak(runtime.device, "bfloat16")
     print(f"MFU against the bf16 matmul peak measured during this run: {peak / 1e9:,.0f} GFLOP/s (2048x2048, best of "
           f"{len(peaks)})" + (f"; bench_matmul_peak recorded {recorded / 1e9:,.0f}" if recorded else ""))
     report.table(["config", "tok/s min", "median", "max", "MFU % min", "median", "max"],
                  [[name, f["tok_per_sec"]["min"], f["tok_per_sec"]["median"], f["tok_per_sec"]["max"],
-                   100 * f["mfu"]["min"], 100 * f["mfu"]["median"], 100 * f["mfu"]["max"]] for name, f in figures.items()])
+                   100 * f["mfu"]["min"], 100 * f["mfu"]["median"], 100 * f["mfu"]["max"]]
+                  for name, f in figures.items()])
     config = {**vars(args), "dtype": runtime.dtype_name, "compile": use_compile, "batch_size": BATCH_SIZE,
               "seq_length": SEQ_LENGTH, "peak_bf16_flops": peak, "peak_bf16_runs": report.spread(peaks)}
     report.save("train", figures, config, runtime.device)

@@ -205,7 +205,8 @@ def test_loader_position_is_saved(reference_run, token_dataset):
     assert state["loader"] == 6 * 128 % loader.total
 
 
-def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(reference_run, token_dataset, tmp_path, monkeypatch, capsys):
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(reference_run, token_dataset, tmp_path, monkeypatch,
+                                                             capsys):
     run_train(monkeypatch, token_dataset, tmp_path, DROPOUT="0.1", RESUME=reference_run / "model_00002.pt")
     assert "continuing at step 3" in capsys.readouterr().out
     expected = read_metrics(reference_run)
@@ -218,7 +219,8 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(reference_run, toke
     assert a["loader"] == b["loader"]
 
 
-def test_resume_in_place_drops_metrics_rows_after_the_checkpoint(reference_run, token_dataset, tmp_path, monkeypatch, capsys):
+def test_resume_in_place_drops_metrics_rows_after_the_checkpoint(reference_run, token_dataset, tmp_path, monkeypatch,
+                                                                 capsys):
     # as if killed after update 5 but before its checkpoint: metrics.csv is ahead of model_00002.pt
     shutil.copy(reference_run / "model_00002.pt", tmp_path)
     shutil.copy(reference_run / "metrics.csv", tmp_path)
@@ -291,7 +293,8 @@ def test_loader_reads_across_shards_and_wraps(token_dataset):
 
 def test_loader_ranks_stride_and_positions_carry_across_world_sizes(token_dataset):
     def loaders(world_size):
-        return [shards.TokenLoader(token_dataset, "train", 2, 32, rank, world_size, verbose=False) for rank in range(world_size)]
+        return [shards.TokenLoader(token_dataset, "train", 2, 32, rank, world_size, verbose=False)
+                for rank in range(world_size)]
 
     single, = loaders(1)
     reference = [single.next_batch()[0] for _ in range(12)]
