@@ -51,6 +51,16 @@ def run_ours(docs, threads):
     return sum(len(tokens) for tokens in dataset.tokenized_batches(batches, threads))
 
 
+def cpu_seconds(worker_pids):
+    """CPU time of this process (all threads) and of the given live workers."""
+    total = time.process_time()
+    for pid in worker_pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def paragraphs():
     if not SHAKESPEARE.is_file():
         sys.exit(f"{SHAKESPEARE} is absent: this benchmark tokenizes tiny shakespeare")
@@ -113,15 +123,18 @@ def main():
 
     load_before = os.getloadavg()[0]  # other work on the machine caps what threads can gain
     rates = {(shape, side): [] for shape in ("short", "long") for side in ("ours", "fineweb")}
+    per_cpu = {key: [] for key in rates}  # tokens per CPU-second: what the machine's load cannot change
     with mp.Pool(processes, initializer=get_encoding) as pool:
+        workers = [worker.pid for worker in pool._pool]
         run_fineweb(pool, short_docs[:1000])
         run_ours(short_docs[:1000], threads)
         for _ in range(args.repeats):
             for shape, docs in (("short", short_docs), ("long", long_docs)):
                 for side in ("ours", "fineweb"):  # alternate: both sides see the same machine load
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), cpu_seconds(workers)
                     tokens = run_ours(docs, threads) if side == "ours" else run_fineweb(pool, docs)
                     rates[shape, side].append(tokens / (time.perf_counter() - start))
+                    per_cpu[shape, side].append(tokens / (cpu_seconds(workers) - cpu))
     load_after = os.getloadavg()[0]
     counts = {"short": run_ours(short_docs, threads), "long": run_ours(long_docs, threads)}
 
@@ -135,14 +148,16 @@ def main():
     print(f"tokenization, tokens/s over {args.repeats} alternating repeats "
           f"(ours: {threads} threads; fineweb.py: pool of {processes} process(es); "
           f"1-min load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs)")
-    print(f"{'documents':<36} {'side':<8} {'min':>10} {'median':>10} {'max':>10}")
+    print(f"{'documents':<36} {'side':<8} {'min':>10} {'median':>10} {'max':>10} {'tok/CPU-s':>10}")
     figures = {}
     for shape in ("short", "long"):
         label = f"{shape} ({len(short_docs if shape == 'short' else long_docs):,} docs, {counts[shape]:,} tok)"
         for side in ("ours", "fineweb"):
             stats = summary(rates[shape, side])
             figures[f"{shape}_{side}_tokens_per_s"] = stats
-            print(f"{label:<36} {side:<8} {stats['min']:>10,.0f} {stats['median']:>10,.0f} {stats['max']:>10,.0f}")
+            figures[f"{shape}_{side}_tokens_per_cpu_s"] = summary(per_cpu[shape, side])
+            print(f"{label:<36} {side:<8} {stats['min']:>10,.0f} {stats['median']:>10,.0f} {stats['max']:>10,.0f} "
+                  f"{statistics.median(per_cpu[shape, side]):>10,.0f}")
         ratios = [a / b for a, b in zip(rates[shape, "ours"], rates[shape, "fineweb"])]
         figures[f"{shape}_ratio"] = summary(ratios)
         print(f"{'':<36} {'ratio':<8} {min(ratios):>10.2f} {statistics.median(ratios):>10.2f} {max(ratios):>10.2f}")
