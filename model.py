@@ -20,6 +20,10 @@ from env import UserError, env_float, env_int
 # everything that samples or scores looks at the first GPT2_VOCAB_SIZE logits only.
 GPT2_VOCAB_SIZE = 50257
 
+# tokens per chunk of the training loss: big enough for fast matmuls, small enough that one chunk's
+# logits stay a modest buffer (CPU: 512 x 50304 floats, 100 MB)
+LOSS_CHUNK_TOKENS = {"cpu": 512, "mps": 4096, "cuda": 8192}
+
 
 @dataclass
 class GPTConfig:
@@ -87,26 +91,27 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             n = h.size(0)
             w = weight.to(dtype)
+            wt = w.t().contiguous()  # once here, not a hidden copy inside every chunk's matmul
             grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+            grad_wt = torch.zeros(wt.shape, dtype=torch.float32, device=h.device)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, n, chunk_size):
                 hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
-                probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
+                probs = torch.softmax(hc @ wt, dim=1, dtype=torch.float32)
                 loss -= probs.gather(1, tc).log().sum()
                 # d(loss sum)/d(logits) = softmax - one_hot; the 1/n of the mean is applied once below
                 grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
                 grad_h[start:start + chunk_size] = grad @ w
-                grad_w += grad.t() @ hc
+                grad_wt += hc.t() @ grad
             grad_h /= n
-            grad_w /= n
-            ctx.save_for_backward(grad_h, grad_w)
+            grad_wt /= n
+            ctx.save_for_backward(grad_h, grad_wt)
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        grad_h, grad_wt = ctx.saved_tensors
+        return grad_h * grad_loss, grad_wt.t() * grad_loss, None, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -224,7 +229,7 @@ class GPT(nn.Module):
         never materialises the logits (returned as None), and it is the same loss."""
         h = self.hidden(idx)
         if targets is not None and not return_logits:
-            chunk = 256 if h.device.type == "cpu" else 8192
+            chunk = LOSS_CHUNK_TOKENS.get(h.device.type, 8192)
             loss = ChunkedCrossEntropy.apply(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk)
             return None, loss
         logits = self.lm_head(h)

@@ -5,6 +5,7 @@ import torch
 from torch.nn import functional as F
 
 from env import UserError
+import model as model_module
 from model import GPT, GPTConfig, KVCache
 
 TINY = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
@@ -86,7 +87,7 @@ def test_overfits_one_batch():
     optimizer = model.configure_optimizers(0.0, 3e-3, "cpu", verbose=False)
     x = torch.randint(0, 50257, (4, 33))
     for step in range(200):
-        _, loss = model(x[:, :-1], targets=x[:, 1:])
+        _, loss = model(x[:, :-1], targets=x[:, 1:], return_logits=False)  # the training path
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -115,3 +116,22 @@ def test_config_from_env_defaults_and_overrides(monkeypatch):
     monkeypatch.setenv("BLOCK_SIZE", "2.56e2")
     config = GPTConfig.from_env()
     assert (config.n_layer, config.block_size) == (2, 256)
+
+
+@pytest.mark.parametrize("batch, length", [(3, 32), (2, 50)])  # whole chunks, and a ragged last chunk
+def test_chunked_loss_equals_full_logits_loss_and_gradients(monkeypatch, batch, length):
+    monkeypatch.setitem(model_module.LOSS_CHUNK_TOKENS, "cpu", 32)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, "vocab_size": 50304}))
+    idx = torch.randint(0, 50257, (batch, length))
+    targets = torch.randint(0, 50257, (batch, length))
+    _, reference = model(idx, targets)
+    reference.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits, loss = model(idx, targets, return_logits=False)
+    (2 * loss).backward()  # the incoming gradient scales both gradients
+    assert logits is None
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * expected[name], atol=1e-6, rtol=1e-4, msg=name)
