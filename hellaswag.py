@@ -1,0 +1,413 @@
+"""HellaSwag: download the validation set, render examples, score them in batches.
+
+HellaSwag (Zellers et al. 2019) gives a context and four endings; the model should find the right
+one more likely. As in build-nanogpt, each ending is scored by the negative log-likelihood (NLL) of
+its tokens after the context: `acc` picks the lowest sum, `acc_norm` the lowest mean (per token),
+the number train.py logs as "HellaSwag accuracy". The `lm-eval` variant reproduces
+lm-evaluation-harness instead (text cleanup, joint tokenisation, acc_norm per character), so
+results compare with published tables.
+
+Scoring lays each example out once: the context, then its four endings side by side, each
+ending's positions restarting right after the context and an attention mask letting it see the
+context and its own earlier tokens only. Examples are packed whole into rows of 192 tokens
+(several short ones share a row, masked from each other), so there is almost no padding; many rows
+go through one forward pass, and the vocabulary projection runs only where an ending token is
+predicted. Only the first GPT2_VOCAB_SIZE logits enter the softmax (the padding rows of
+VOCAB_SIZE=50304 are no text), in the batched path and in the one-example reference alike.
+"""
+
+import bisect
+import json
+import os
+import re
+from collections import namedtuple
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from tqdm import tqdm
+
+import hub
+from env import UserError, env_str
+from model import GPT2_VOCAB_SIZE
+from tokenizer import EOT, encode
+
+HF_DATASET = "Rowan/hellaswag"
+# where build-nanogpt downloaded from; GitHub disabled rowanz/hellaswag on 2026-09-14 (DMCA)
+GITHUB_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+FILENAME = "hellaswag_val.jsonl"
+FIELDS = ("ind", "activity_label", "ctx_a", "ctx_b", "ctx", "split", "split_type", "label", "endings", "source_id")
+VARIANTS = ("nanogpt", "lm-eval")
+ROW_WIDTH = 192  # tokens per packed row: wider packs tighter, narrower wastes less attention
+
+
+class HellaSwagUnavailable(UserError):
+    """No HellaSwag data can be had: offline without a local file, or a malformed file."""
+
+
+# ----- the data ----------------------------------------------------------------------------------
+
+def _download_from_hub(tmp):
+    from datasets import load_dataset  # heavy, and only needed this once
+
+    rows = load_dataset(HF_DATASET, split="validation")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in tqdm(rows, desc=f"writing {FILENAME}", unit=" rows"):
+            row = {key: row[key] for key in FIELDS if key in row}
+            row["label"] = int(row["label"])  # a string on the Hub, an int in the original file
+            f.write(json.dumps(row) + "\n")
+
+
+def _download_from_github(tmp):
+    import requests
+
+    with requests.get(GITHUB_URL, stream=True, timeout=30) as response:
+        response.raise_for_status()
+        total = int(response.headers.get("content-length", 0))
+        with open(tmp, "wb") as f, tqdm(total=total, unit="iB", unit_scale=True, desc=f"downloading {FILENAME}") as bar:
+            for chunk in response.iter_content(chunk_size=1 << 16):
+                bar.update(f.write(chunk))
+
+
+def download(path):
+    """Fetch the validation split into `path`: from the Hugging Face Hub, else the old GitHub URL.
+    Written to a temporary name and renamed, so an interrupted download never looks complete."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    failures = []
+    for name, url, fetch in (("huggingface.co", hub.HUB_URL, _download_from_hub),
+                             ("raw.githubusercontent.com", GITHUB_URL, _download_from_github)):
+        if not hub.reachable(url):
+            failures.append(f"{name} unreachable")
+            continue
+        print(f"downloading HellaSwag validation set from {name} to {path}")
+        try:
+            fetch(tmp)
+            os.replace(tmp, path)
+            return
+        except Exception as error:  # any failure of one source means: try the next one
+            failures.append(f"{name}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise HellaSwagUnavailable(
+        f"no HellaSwag validation data at {path} and no download worked ({'; '.join(failures)}). "
+        f"Copy the original {FILENAME} (10,042 rows) there, or set HELLASWAG_PATH=/path/to/{FILENAME}")
+
+
+def _check_row(row):
+    """The row with label as int and a split type, or a string saying what is wrong with it."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if not isinstance(row.get("ctx"), str):
+        return "no 'ctx' string"
+    endings = row.get("endings")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        return "'endings' is not a list of 4 strings"
+    label = row.get("label")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if isinstance(label, bool) or label not in (0, 1, 2, 3):
+        return f"'label' must be 0, 1, 2 or 3, got {row.get('label')!r}"
+    row["label"] = label
+    row.setdefault("split_type", "unknown")
+    return row
+
+
+def read_rows(path, limit=0):
+    """The rows of a HellaSwag jsonl file (the first `limit` when limit > 0); a bad line is reported
+    by its number."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = _check_row(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise HellaSwagUnavailable(f"{path} line {number}: not valid JSON ({error.msg})") from None
+                if isinstance(row, str):
+                    raise HellaSwagUnavailable(f"{path} line {number}: not a HellaSwag row ({row})")
+                rows.append(row)
+                if len(rows) == limit:
+                    break
+    except (OSError, UnicodeDecodeError) as error:
+        raise HellaSwagUnavailable(f"cannot read HellaSwag file {path}: {error}") from None
+    if not rows:
+        raise HellaSwagUnavailable(f"{path} holds no HellaSwag rows")
+    return rows
+
+
+def data_path():
+    """HELLASWAG_PATH when set, else $HELLASWAG_DIR/hellaswag_val.jsonl, downloaded if missing."""
+    path = env_str("HELLASWAG_PATH", None)
+    if path:
+        if not os.path.isfile(path):
+            raise HellaSwagUnavailable(f"HELLASWAG_PATH={path} is not a file")
+        return path
+    path = os.path.join(env_str("HELLASWAG_DIR", "hellaswag"), FILENAME)
+    if not os.path.isfile(path):
+        download(path)
+    return path
+
+
+def load_examples(limit=0):
+    """The validation rows (the first `limit` when limit > 0), downloading them once if needed."""
+    return read_rows(data_path(), limit)
+
+
+# ----- rendering ---------------------------------------------------------------------------------
+
+def _lm_eval_clean(text):
+    """lm-evaluation-harness's cleanup: the brackets are artifacts of HellaSwag's wikiHow rows."""
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def texts(example, variant="nanogpt"):
+    """The context and the four endings as the variant scores them (ending without its space)."""
+    if variant == "nanogpt":
+        return example["ctx"], example["endings"]
+    if "ctx_a" in example and "ctx_b" in example:
+        context = example["ctx_a"] + " " + example["ctx_b"].capitalize()
+    else:
+        context = example["ctx"]  # rows with eval fields only: ctx_b cannot be told apart
+    if example.get("activity_label"):
+        context = example["activity_label"] + ": " + context
+    return _lm_eval_clean(context), [_lm_eval_clean(ending) for ending in example["endings"]]
+
+
+# context ids, four lists of ending ids, the label, and what acc_norm divides each ending's NLL by
+Encoded = namedtuple("Encoded", "context endings label norm")
+
+
+def encode_example(example, variant="nanogpt", block_size=None):
+    """Token ids of an example. nanogpt: context and " " + ending tokenised apart (build-nanogpt).
+    lm-eval: the ending's ids are those of context + " " + ending after the context's ids.
+
+    Where a model's block_size is too short, context tokens are dropped from the left (then, in the
+    extreme, ending tokens from the right) until every ending fits; at 1024 no HellaSwag row is cut.
+    """
+    if variant not in VARIANTS:
+        raise UserError(f"HellaSwag variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    context_text, ending_texts = texts(example, variant)
+    context = encode(context_text)
+    if variant == "nanogpt":
+        endings = [encode(" " + ending) for ending in ending_texts]
+    else:
+        endings = [encode(context_text + " " + ending)[len(context):] for ending in ending_texts]
+    context = context or [EOT]  # the first ending token must be predicted from something
+    if block_size is not None:
+        # the last ending token is only a target, so context + ending - 1 positions must fit
+        endings = [ending[:block_size] for ending in endings]
+        context = context[-(block_size + 1 - max(len(e) for e in endings)):]
+    if variant == "nanogpt":
+        norm = [len(ending) for ending in endings]  # mean NLL per token
+    else:
+        norm = [max(len(ending), 1) for ending in ending_texts]  # per character of the ending
+    return Encoded(context, endings, example["label"], norm)
+
+
+def render_example(example, variant="nanogpt", block_size=None):
+    """build-nanogpt's rendering: tokens (4, T) holding context + ending per row (right-padded with
+    0), mask (4, T) with 1 over the ending tokens, and the label."""
+    enc = encode_example(example, variant, block_size)
+    width = max(len(enc.context) + len(ending) for ending in enc.endings)
+    tokens = torch.zeros(4, width, dtype=torch.long)
+    mask = torch.zeros(4, width, dtype=torch.long)
+    for i, ending in enumerate(enc.endings):
+        row = enc.context + ending
+        tokens[i, :len(row)] = torch.tensor(row)
+        mask[i, len(enc.context):len(row)] = 1
+    return tokens, mask, enc.label
+
+
+# ----- scoring -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reference_scores(model, example, variant="nanogpt"):
+    """One example per forward pass, the build-nanogpt way: four padded rows, logits at every
+    position. Returns the summed NLL of each ending (4,) and of the batched path's normaliser.
+    The batched `evaluate` must agree with it; tests and bench/bench_hellaswag.py use it."""
+    device = next(model.parameters()).device
+    tokens, mask, _ = render_example(example, variant, model.config.block_size)
+    tokens, mask = tokens.to(device), mask.to(device)
+    logits, _ = model(tokens[:, :-1])  # the last token is only ever a target
+    logits = logits[..., :GPT2_VOCAB_SIZE].float()
+    losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
+    sum_nll = (losses * mask[:, 1:]).sum(dim=1)
+    norm = encode_example(example, variant, model.config.block_size).norm
+    return sum_nll.double().cpu(), torch.tensor(norm, dtype=torch.float64)
+
+
+def _length(enc):
+    """Tokens an example takes in a packed row: the context, then each ending but its last token
+    (the last is only ever a target)."""
+    return len(enc.context) + sum(len(ending) - 1 for ending in enc.endings)
+
+
+def _fill_rows(encoded, width):
+    """Best-fit decreasing: the longest examples first, each into the row with the least room
+    left that still holds it (an example longer than `width` gets a row its own length). Rows
+    come out nearly full whatever the lengths: almost no padding. Wider rows would pack tighter
+    but cost more attention, which a row computes over its whole width."""
+    rows, rooms = [], []  # rooms: sorted (room left, row number)
+    for i in sorted(encoded, key=lambda i: -_length(encoded[i])):
+        n = _length(encoded[i])
+        k = bisect.bisect_left(rooms, (n, -1))
+        if k < len(rooms):
+            room, r = rooms.pop(k)
+        else:
+            room, r = max(width, n), len(rows)
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(rooms, (room - n, r))
+    return rows
+
+
+def _pack(rows, device):
+    """The inputs of one forward pass. Each example sits in a row as its context followed by its
+    four endings, every ending's positions restarting right after the context. Returns ids,
+    positions, the attention mask, and for every ending token to score (in row order) the flat
+    position that predicts it, its id and its owner (4 * example number + ending number)."""
+    width = max(sum(_length(enc) for enc in row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    example = torch.full((len(rows), width), -1, dtype=torch.long)  # which example; -1: padding
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # 0 context, 1-4 ending
+    where, target, owner = [], [], []
+    number = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for enc in row:
+            C = len(enc.context)
+            ids[r, start:start + C] = torch.tensor(enc.context)
+            pos[r, start:start + C] = torch.arange(C)
+            segment[r, start:start + C] = 0
+            example[r, start:start + _length(enc)] = number
+            # every ending's first token is predicted at the context's last position...
+            where += [r * width + start + C - 1] * 4
+            target += [ending[0] for ending in enc.endings]
+            owner += [4 * number + i for i in range(4)]
+            start += C
+            for i, ending in enumerate(enc.endings):
+                n = len(ending) - 1
+                ids[r, start:start + n] = torch.tensor(ending[:-1], dtype=torch.long)
+                pos[r, start:start + n] = torch.arange(C, C + n)
+                segment[r, start:start + n] = i + 1
+                # ...and token k at the position of token k-1
+                where += range(r * width + start, r * width + start + n)
+                target += ending[1:]
+                owner += [4 * number + i] * n
+                start += n
+            number += 1
+    # a token sees the earlier tokens of its example's context and of its own ending; padding
+    # sees earlier padding (no row of the mask may be empty)
+    earlier = torch.ones(width, width, dtype=torch.bool).tril()
+    same_example = example[:, None, :] == example[:, :, None]
+    visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
+    mask = (earlier & same_example & visible)[:, None]
+    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return to(ids), to(pos), to(mask), torch.tensor(where), to(torch.tensor(target)), to(torch.tensor(owner)), number
+
+
+def _score_rows(model, rows, head, chunk):
+    """Summed NLL (examples, 4) of every ending of the examples in `rows`, in row order, from one
+    forward pass."""
+    device = head.device
+    ids, pos, mask, where, target, owner, count = _pack(rows, device)
+    hidden = model.hidden(ids, pos=pos, attn_mask=mask).flatten(0, 1)
+    # the context's last position predicts all four first tokens: project each position once
+    needed, slot = torch.unique_consecutive(where, return_inverse=True)
+    needed, slot = needed.to(device), slot.to(device)
+    nll = torch.empty(len(target), dtype=torch.float32, device=device)
+    bounds = torch.searchsorted(slot, torch.arange(0, len(needed) + chunk, chunk, device=device)).tolist()
+    for n, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        # chunks keep the (positions, 50257) logits small; never the whole batch's at once
+        logits = F.linear(hidden[needed[n * chunk:(n + 1) * chunk]].to(head.dtype), head)
+        # softmax computes in fp32 inside one fused pass, and a probability keeps ~3 significant
+        # digits even in bf16, so -log p is within 0.004 of fp32's log-softmax on the same logits,
+        # six times faster than upcasting the logits; tiny keeps p = 0 (NLL > 87) finite
+        probs = F.softmax(logits, dim=-1)[slot[lo:hi] - n * chunk, target[lo:hi]]
+        nll[lo:hi] = -probs.float().clamp_min(torch.finfo(probs.dtype).tiny).log()
+    sums = torch.zeros(4 * count, dtype=torch.float64, device=device)
+    return sums.index_add_(0, owner, nll.double()).view(-1, 4)
+
+
+class Result:
+    """Per-example scores and the accuracies derived from them."""
+
+    def __init__(self, labels, sum_nll, norm_nll, variant):
+        self.variant = variant
+        self.labels = labels  # (N,)
+        self.sum_nll = sum_nll  # (N, 4) summed NLL of each ending
+        self.norm_nll = norm_nll  # (N, 4) per token (nanogpt) or per character (lm-eval)
+        self.pred = sum_nll.argmin(dim=1)
+        self.pred_norm = norm_nll.argmin(dim=1)
+        self.total = len(labels)
+        self.correct = int((self.pred == labels).sum())
+        self.correct_norm = int((self.pred_norm == labels).sum())
+
+    @property
+    def acc(self):
+        return self.correct / self.total
+
+    @property
+    def acc_norm(self):
+        return self.correct_norm / self.total
+
+    def state(self):
+        """Tensors and plain values only, so torch.load(weights_only=True) reads it back."""
+        return {"variant": self.variant, "labels": self.labels, "sum_nll": self.sum_nll, "norm_nll": self.norm_nll,
+                "pred": self.pred, "pred_norm": self.pred_norm, "correct": self.correct,
+                "correct_norm": self.correct_norm, "total": self.total, "acc": self.acc, "acc_norm": self.acc_norm}
+
+
+def default_batch_size(device_type):
+    """Examples per forward pass: enough rows for the matmuls to run near peak."""
+    return 256 if device_type == "cuda" else 64
+
+
+@torch.no_grad()  # not inference_mode: under it autocast re-casts the weights on every call
+def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progress=False, chunk=1024):
+    """Score `examples` with the raw (uncompiled, unwrapped) GPT `model`. Under torchrun every rank
+    scores its share and the scores are all-reduced, so every rank returns the same full Result."""
+    if variant not in VARIANTS:
+        raise UserError(f"HellaSwag variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    batch_size = batch_size or default_batch_size(runtime.device_type)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    was_training = model.training
+    model.eval()
+    block_size = model.config.block_size
+    mine = range(rank, len(examples), world)
+    encoded = {i: encode_example(examples[i], variant, block_size) for i in mine}
+    rows = _fill_rows(encoded, ROW_WIDTH)  # longest first: rows of similar width share a batch
+    head = model.lm_head.weight[:GPT2_VOCAB_SIZE]
+    if runtime.dtype != torch.float32:
+        head = head.to(runtime.dtype)  # cast once, not on every chunk
+    # per example: the four summed NLLs and the four acc_norm divisors
+    scores = torch.zeros(len(examples), 2, 4, dtype=torch.float64, device=runtime.device)
+    bar = tqdm(total=len(examples), unit=" examples", disable=not (progress and rank == 0), dynamic_ncols=True)
+    batches, count = [], batch_size
+    for row in rows:  # whole rows, about batch_size examples per forward pass
+        if count >= batch_size:
+            batches.append([])
+            count = 0
+        batches[-1].append(row)
+        count += len(row)
+    with runtime.autocast():  # one autocast region: the weights are cast to low precision once
+        for batch in batches:
+            chosen = [i for row in batch for i in row]
+            scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], head, chunk)
+            scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64, device=runtime.device)
+            bar.update(min(len(chosen) * world, len(examples) - bar.n))
+    bar.close()
+    if distributed:
+        dist.all_reduce(scores)  # each example is filled on exactly one rank, zero elsewhere
+    model.train(was_training)
+    sum_nll, norm = scores.cpu().unbind(dim=1)
+    labels = torch.tensor([ex["label"] for ex in examples])
+    return Result(labels, sum_nll, sum_nll / norm, variant)
