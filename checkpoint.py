@@ -127,12 +127,13 @@ def load_model(path, device="cpu"):
 
 
 def model_path_from_env():
-    """The checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH, else the newest in LOG_DIR."""
+    """The checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH (a file, or a folder whose
+    newest checkpoint is taken), else the newest in LOG_DIR."""
     path = env_str("TESTING_MODEL_PATH", None)
-    if path:
+    if path and not os.path.isdir(path):
         return path
-    log_dir = env_str("LOG_DIR", "log")
-    path = latest_checkpoint(log_dir)
-    if path is None:
-        raise UserError(f"no checkpoint in {log_dir}/: train one with train.py, or set TESTING_MODEL_PATH")
-    return path
+    folder = path or env_str("LOG_DIR", "log")
+    newest = latest_checkpoint(folder)
+    if newest is None:
+        raise UserError(f"no checkpoint in {folder}/: train one with train.py, or set TESTING_MODEL_PATH")
+    return newest

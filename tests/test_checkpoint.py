@@ -141,3 +141,20 @@ def test_train_refuses_to_resume_from_a_bad_checkpoint(good, tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"Error: {path}")
     assert not marker.exists() and not (tmp_path / "log").exists()
+
+
+def test_model_path_from_env_takes_a_file_a_folder_or_log_dir(tmp_path, monkeypatch):
+    for step in (4, 12):
+        open(checkpoint.checkpoint_path(tmp_path, step), "wb").close()
+    monkeypatch.delenv("TESTING_MODEL_PATH", raising=False)
+    monkeypatch.setenv("LOG_DIR", str(tmp_path))
+    assert checkpoint.model_path_from_env() == checkpoint.checkpoint_path(tmp_path, 12)
+    monkeypatch.setenv("LOG_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("TESTING_MODEL_PATH", str(tmp_path))  # a folder: its newest checkpoint
+    assert checkpoint.model_path_from_env() == checkpoint.checkpoint_path(tmp_path, 12)
+    monkeypatch.setenv("TESTING_MODEL_PATH", checkpoint.checkpoint_path(tmp_path, 4))
+    assert checkpoint.model_path_from_env() == checkpoint.checkpoint_path(tmp_path, 4)
+    monkeypatch.setenv("TESTING_MODEL_PATH", str(tmp_path / "elsewhere"))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(UserError, match="no checkpoint in"):
+        checkpoint.model_path_from_env()
