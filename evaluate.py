@@ -23,9 +23,12 @@ def parse_args():
     parser = argparse.ArgumentParser(description="Evaluate a model on the HellaSwag validation set.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a checkpoint written by train.py (default: the newest in $LOG_DIR)")
-    source.add_argument("--hf-model", help="a Hugging Face GPT-2 instead: a Hub name (gpt2, gpt2-medium, ...) or a local directory")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only (default $HELLASWAG_LIMIT; 0 or -1: all)")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward pass (default: 64, 256 on CUDA)")
+    source.add_argument("--hf-model",
+                        help="a Hugging Face GPT-2 instead: a Hub name (gpt2, gpt2-medium, ...) or a local directory")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate the first N rows only (default $HELLASWAG_LIMIT; 0 or -1: all)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="examples per forward pass (default: 64, 256 on CUDA)")
     parser.add_argument("--device", default=None, help="auto, cpu, mps, cuda or cuda:N (default $DEVICE, else auto)")
     parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16 (default $DTYPE, else auto)")
     parser.add_argument("--seed", type=int, default=None, help="picks the 5 examples shown (default $SEED, else 1337)")
@@ -113,7 +116,8 @@ def main():
             path = os.path.join(log_dir, "eval_results.pt")
             state = result.state()
             state.update(model=name, split_types=[ex["split_type"] for ex in examples],
-                         ind=[ex.get("ind", -1) for ex in examples], source_ids=[ex.get("source_id", "") for ex in examples])
+                         ind=[ex.get("ind", -1) for ex in examples],
+                         source_ids=[ex.get("source_id", "") for ex in examples])
             checkpoint.save(state, path)
             print(f"\nDetailed results saved to {path}")
     finally:

@@ -86,7 +86,8 @@ def download(path):
             os.replace(tmp, path)
             return
         except Exception as error:  # any failure of one source means: try the next one
-            failures.append(f"{name}: {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+            text = str(error).strip()
+            failures.append(f"{name}: {text.splitlines()[0] if text else type(error).__name__}")
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -213,7 +214,10 @@ def encode_example(example, variant="nanogpt", block_size=None):
 def render_example(example, variant="nanogpt", block_size=None):
     """build-nanogpt's rendering: tokens (4, T) holding context + ending per row (right-padded with
     0), mask (4, T) with 1 over the ending tokens, and the label."""
-    enc = encode_example(example, variant, block_size)
+    return _render(encode_example(example, variant, block_size))
+
+
+def _render(enc):
     width = max(len(enc.context) + len(ending) for ending in enc.endings)
     tokens = torch.zeros(4, width, dtype=torch.long)
     mask = torch.zeros(4, width, dtype=torch.long)
@@ -229,17 +233,17 @@ def render_example(example, variant="nanogpt", block_size=None):
 @torch.no_grad()
 def reference_scores(model, example, variant="nanogpt"):
     """One example per forward pass, the build-nanogpt way: four padded rows, logits at every
-    position. Returns the summed NLL of each ending (4,) and of the batched path's normaliser.
+    position. Returns the summed NLL of each ending (4,) and what acc_norm divides it by (4,).
     The batched `evaluate` must agree with it; tests and bench/bench_hellaswag.py use it."""
     device = next(model.parameters()).device
-    tokens, mask, _ = render_example(example, variant, model.config.block_size)
+    enc = encode_example(example, variant, model.config.block_size)
+    tokens, mask, _ = _render(enc)
     tokens, mask = tokens.to(device), mask.to(device)
     logits, _ = model(tokens[:, :-1])  # the last token is only ever a target
     logits = logits[..., :GPT2_VOCAB_SIZE].float()
     losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
     sum_nll = (losses * mask[:, 1:]).sum(dim=1)
-    norm = encode_example(example, variant, model.config.block_size).norm
-    return sum_nll.double().cpu(), torch.tensor(norm, dtype=torch.float64)
+    return sum_nll.double().cpu(), torch.tensor(enc.norm, dtype=torch.float64)
 
 
 def _length(enc):
@@ -402,7 +406,7 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
         for batch in batches:
             chosen = [i for row in batch for i in row]
             scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], head, chunk)
-            scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64, device=runtime.device)
+            scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64).to(runtime.device)
             bar.update(min(len(chosen) * world, len(examples) - bar.n))
     bar.close()
     if distributed:

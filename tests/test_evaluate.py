@@ -47,8 +47,12 @@ def log_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DTYPE", "float32")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
-    checkpoint.save({"model": model.state_dict(), "config": model.config.shape(), "step": 0}, tmp_path / "model_00000.pt")
+    save(model, 0, tmp_path / "model_00000.pt")
     return tmp_path
+
+
+def save(model, step, path):
+    checkpoint.save({"model": model.state_dict(), "config": model.config.shape(), "step": step}, path)
 
 
 def run(monkeypatch, *args):
@@ -67,13 +71,14 @@ def fails(monkeypatch, capsys, *args, code=1):
 def test_report_and_saved_results(real_file, log_dir, monkeypatch, capsys):
     torch.manual_seed(1)
     newer = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
-    checkpoint.save({"model": newer.state_dict(), "config": newer.config.shape(), "step": 10}, log_dir / "model_00010.pt")
+    save(newer, 10, log_dir / "model_00010.pt")
     monkeypatch.setenv("HELLASWAG_LIMIT", "40")
     run(monkeypatch, "--seed", "3")
     out = capsys.readouterr().out
     lines = out.splitlines()
-    order = [f"Loading checkpoint from {log_dir / 'model_00010.pt'}", "Initializing model...", "Model loaded successfully!",
-             "Evaluating on HellaSwag validation set...", "Overall Results:", "Accuracy by Split Type:",
+    order = [f"Loading checkpoint from {log_dir / 'model_00010.pt'}", "Initializing model...",
+             "Model loaded successfully!", "Evaluating on HellaSwag validation set...", "Overall Results:",
+             "Accuracy by Split Type:",
              "Detailed Analysis of 5 Random Examples:", f"Detailed results saved to {log_dir / 'eval_results.pt'}"]
     where = [lines.index(line) for line in order]
     assert where == sorted(where)
@@ -88,7 +93,8 @@ def test_report_and_saved_results(real_file, log_dir, monkeypatch, capsys):
     by_type = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(r"^(\w+): [\d.]+ \((\d+)/(\d+)\)$", out, re.M)}
     assert sum(n for _, n in by_type.values()) == 40 and sum(c for c, _ in by_type.values()) == expected.correct_norm
     assert set(by_type) == set(saved["split_types"]) == {"indomain", "zeroshot"}
-    assert out.count("Context: ") == 5 and len(re.findall(r"^  [0-3]: .* \(score: [\d.]+, sum: [\d.]+\)$", out, re.M)) == 20
+    assert out.count("Context: ") == 5
+    assert len(re.findall(r"^  [0-3]: .* \(score: [\d.]+, sum: [\d.]+\)$", out, re.M)) == 20
     assert len(re.findall(r"^Predicted: [0-3] \((right|wrong)\)\nCorrect: [0-3]$", out, re.M)) == 5
 
 
@@ -100,7 +106,7 @@ def test_hf_model_scores_like_the_converted_checkpoint(real_file, log_dir, tmp_p
     GPT2LMHeadModel(hf_config).save_pretrained(tmp_path / "hf")
     converted = GPT.from_hf(GPT2LMHeadModel.from_pretrained(tmp_path / "hf"))
     path = tmp_path / "converted.pt"
-    checkpoint.save({"model": converted.state_dict(), "config": converted.config.shape(), "step": 0}, path)
+    save(converted, 0, path)
     results = {}
     for source in (["--hf-model", str(tmp_path / "hf")], ["--checkpoint", str(path)]):
         run(monkeypatch, *source, "--limit", "24", "--variant", "lm-eval")

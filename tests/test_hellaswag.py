@@ -52,7 +52,8 @@ FULL_ROW = {"ind": 7, "activity_label": "Baking cookies", "ctx_a": "A woman mixe
             "ctx_b": "she", "ctx": "A woman mixes dough in a bowl. she", "split": "val", "split_type": "zeroshot",
             "label": 1, "endings": ["flies a kite.", "puts the dough on a tray.", "swims.", "reads a map."],
             "source_id": "activitynet~v_test"}
-MINIMAL_ROW = {"ctx": "The man opens the door. he", "endings": ["walks in.", "eats it.", "sings.", "melts."], "label": "0"}
+MINIMAL_ROW = {"ctx": "The man opens the door. he", "endings": ["walks in.", "eats it.", "sings.", "melts."],
+               "label": "0"}
 
 
 def write_rows(path, rows):
@@ -171,7 +172,8 @@ def test_render_example_exact_tokens(real_file):
 def test_lm_eval_preprocessing():
     row = {"activity_label": "Home and Garden", "ctx_a": "[header] How to clean a roof. [title] Get a ladder.",
            "ctx_b": "then you  [step] climb", "ctx": "unused", "label": 2,
-           "endings": ["[substeps] Go up  the ladder.", " Sweep the LEAVES. [title] Rest.", "Jump.", "Wait [step] here."]}
+           "endings": ["[substeps] Go up  the ladder.", " Sweep the LEAVES. [title] Rest.", "Jump.",
+                       "Wait [step] here."]}
     context, endings = hellaswag.texts(row, "lm-eval")
     # " [title]" -> ". ", other tags dropped, ctx_b capitalised, double spaces folded once (as lm-eval does)
     assert context == "Home and Garden: How to clean a roof.. Get a ladder. Then you  climb"
@@ -250,6 +252,7 @@ def test_bf16_agrees_with_fp32(real_file, tiny_model):
     bf16 = hellaswag.evaluate(tiny_model, device.setup("cpu", "bfloat16"), rows)
     agree = (fp32.pred == bf16.pred).float().mean().item()
     agree_norm = (fp32.pred_norm == bf16.pred_norm).float().mean().item()
-    print(f"bf16 vs fp32 agreement on {len(rows)} real rows, tiny random model: acc {agree:.3f}, acc_norm {agree_norm:.3f}")
+    print(f"bf16 vs fp32 agreement on {len(rows)} real rows, tiny random model: "
+          f"acc {agree:.3f}, acc_norm {agree_norm:.3f}")
     torch.testing.assert_close(bf16.norm_nll, fp32.norm_nll, rtol=0, atol=0.05)
     assert agree >= 0.9
