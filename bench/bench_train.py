@@ -28,9 +28,8 @@ from bench import report
 from bench.bench_matmul_peak import matmul_flops_per_s
 from model import GPT, GPTConfig
 
-SHAPES = {"tiny": dict(n_layer=2, n_head=2, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384)}
-COMMON = dict(block_size=256, vocab_size=50304)
-BATCH_SIZE, SEQ_LENGTH = 8, 256
+SHAPES = {"tiny": dict(n_layer=2, n_head=2, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384),
+          "124M": dict(n_layer=12, n_head=12, n_embd=768)}
 
 
 def random_token_dataset(path, tokens=1_000_000, seed=0):
@@ -46,13 +45,14 @@ def random_token_dataset(path, tokens=1_000_000, seed=0):
 class Setup:
     """One configuration ready to step: the same objects train.py builds."""
 
-    def __init__(self, name, runtime, dataset_path, use_compile, seed=1337):
+    def __init__(self, name, runtime, dataset_path, use_compile, batch_size=8, seq_length=256, seed=1337):
         torch.manual_seed(seed)
-        self.raw = GPT(GPTConfig(**COMMON, **SHAPES[name])).to(runtime.device)
+        shape = GPTConfig(block_size=max(256, seq_length), vocab_size=50304, **SHAPES[name])
+        self.raw = GPT(shape).to(runtime.device)
         self.model = torch.compile(self.raw) if use_compile else self.raw
         self.optimizer = self.raw.configure_optimizers(0.1, 6e-4, runtime.device_type, verbose=False)
         self.scaler = train.grad_scaler(runtime)
-        self.loader = shards.TokenLoader(dataset_path, "train", BATCH_SIZE, SEQ_LENGTH, verbose=False)
+        self.loader = shards.TokenLoader(dataset_path, "train", batch_size, seq_length, verbose=False)
         self.runtime = runtime
 
     def step(self, lr=6e-4):
@@ -64,7 +64,8 @@ def speed(args, runtime):
     use_compile = runtime.device_type == "cuda" if args.compile == "auto" else args.compile == "1"
     with tempfile.TemporaryDirectory() as dataset_path:
         random_token_dataset(dataset_path)
-        setups = {name: Setup(name, runtime, dataset_path, use_compile) for name in args.configs}
+        setups = {name: Setup(name, runtime, dataset_path, use_compile, args.batch_size, args.seq_length)
+                  for name in args.configs}
         for setup in setups.values():
             for _ in range(args.warmup):
                 setup.step()
@@ -77,26 +78,26 @@ def speed(args, runtime):
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     setup.step()
-                runs[name].append(args.steps * BATCH_SIZE * SEQ_LENGTH / (time.perf_counter() - start))
-    peak = max(peaks)  # the best the machine showed during this run
+                runs[name].append(args.steps * args.batch_size * args.seq_length / (time.perf_counter() - start))
+    # GPUs: the data-sheet peak train.py's MFU uses; CPUs: the best matmul rate seen during this run
+    peak = train.peak_flops(train.TrainConfig(), runtime) or max(peaks)
     figures = {}
     for name, values in runs.items():
-        flops = setups[name].raw.flops_per_token(SEQ_LENGTH)
+        flops = setups[name].raw.flops_per_token(args.seq_length)
         figures[name] = {"tok_per_sec": report.spread(values),
                          "mfu": report.spread([v * flops / peak for v in values]),
                          "params": setups[name].raw.num_params(), "flops_per_token": flops}
     print(f"train.train_step, {runtime.device} {runtime.dtype_name}, compile {'on' if use_compile else 'off'}, "
-          f"{torch.get_num_threads()} threads, batch {BATCH_SIZE}x{SEQ_LENGTH}, "
+          f"{torch.get_num_threads()} threads, batch {args.batch_size}x{args.seq_length}, "
           f"{args.repeats} repeats of {args.steps} steps")
     recorded = report.read_peak(runtime.device, "bfloat16")
-    print(f"MFU against the bf16 matmul peak measured during this run: {peak / 1e9:,.0f} GFLOP/s (2048x2048, best of "
-          f"{len(peaks)})" + (f"; bench_matmul_peak recorded {recorded / 1e9:,.0f}" if recorded else ""))
+    print(f"MFU against a bf16 peak of {peak / 1e9:,.0f} GFLOP/s; the best 2048x2048 bf16 matmul during this run: "
+          f"{max(peaks) / 1e9:,.0f}" + (f"; bench_matmul_peak recorded {recorded / 1e9:,.0f}" if recorded else ""))
     report.table(["config", "tok/s min", "median", "max", "MFU % min", "median", "max"],
                  [[name, f["tok_per_sec"]["min"], f["tok_per_sec"]["median"], f["tok_per_sec"]["max"],
                    100 * f["mfu"]["min"], 100 * f["mfu"]["median"], 100 * f["mfu"]["max"]]
                   for name, f in figures.items()])
-    config = {**vars(args), "dtype": runtime.dtype_name, "compile": use_compile, "batch_size": BATCH_SIZE,
-              "seq_length": SEQ_LENGTH, "peak_bf16_flops": peak, "peak_bf16_runs": report.spread(peaks)}
+    config = {**vars(args), "dtype": runtime.dtype_name, "compile": use_compile, "peak_bf16_flops": peak, "peak_bf16_runs": report.spread(peaks)}
     report.save("train", figures, config, runtime.device)
 
 
@@ -134,7 +135,9 @@ def parity(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small")
+    parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small, 124M")
+    parser.add_argument("--batch-size", type=int, default=8, help="BATCH_SIZE (sequences per step)")
+    parser.add_argument("--seq-length", type=int, default=256, help="SEQ_LENGTH")
     parser.add_argument("--steps", type=int, default=3, help="updates per timed repeat")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
