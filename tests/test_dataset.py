@@ -289,3 +289,11 @@ def test_write_shards_document_longer_than_a_shard(tmp_path):
     assert sizes == [100] * 6
     written = np.concatenate([np.load(tmp_path / name) for s in ("val", "train") for name in splits[s]["shards"]])
     assert written.tolist() == np.concatenate(docs).tolist()
+
+
+def test_tokenize_matches_encode_ordinary():
+    texts = ["Hello world", "", "a literal <|endoftext|> stays text", "  spaces\n\n\tand tabs  ", "naïve café 🙂"]
+    assert dataset.tokenize(texts).tolist() == [t for text in texts for t in [EOT] + encode(text)]
+    assert dataset.tokenize([]).tolist() == []
+    rows = {"question": ["q1", "q2", None], "reference_answer": ["", "r2", "r3"], "responses": [[], [], []]}
+    assert dataset.qa_documents(rows) == ["Question: q2\nAnswer: r2"]  # no answer or no question: skipped
