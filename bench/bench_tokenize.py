@@ -125,7 +125,7 @@ def main():
     rates = {(shape, side): [] for shape in ("short", "long") for side in ("ours", "fineweb")}
     per_cpu = {key: [] for key in rates}  # tokens per CPU-second: what the machine's load cannot change
     with mp.Pool(processes, initializer=get_encoding) as pool:
-        workers = [worker.pid for worker in pool._pool]
+        workers = [worker.pid for worker in pool._pool]  # multiprocessing has no public way to list them
         run_fineweb(pool, short_docs[:1000])
         run_ours(short_docs[:1000], threads)
         for _ in range(args.repeats):
