@@ -9,7 +9,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 from env import UserError
 
@@ -104,6 +103,8 @@ class TokenLoader:
         return np.concatenate(pieces).astype(np.int64)
 
     def next_batch(self):
+        import torch  # here, not at the top: dataset.py and peek_dataset.py never need torch
+
         B, T = self.batch_size, self.seq_length
         tokens = torch.from_numpy(self._read(self.position + self.rank * B * T, B * T + 1))
         self.position = (self.position + B * T * self.world_size) % self.total
