@@ -243,7 +243,7 @@ def reference_scores(model, example, variant="nanogpt"):
     logits = logits[..., :GPT2_VOCAB_SIZE].float()
     losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
     sum_nll = (losses * mask[:, 1:]).sum(dim=1)
-    return sum_nll.double().cpu(), torch.tensor(enc.norm, dtype=torch.float64)
+    return sum_nll.cpu().double(), torch.tensor(enc.norm, dtype=torch.float64)
 
 
 def _length(enc):
@@ -314,7 +314,7 @@ def _pack(rows, device):
     visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
     mask = (earlier & same_example & visible)[:, None]
     to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return to(ids), to(pos), to(mask), torch.tensor(where), to(torch.tensor(target)), to(torch.tensor(owner)), number
+    return to(ids), to(pos), to(mask), torch.tensor(where), to(torch.tensor(target)), torch.tensor(owner), number
 
 
 def _score_rows(model, rows, head, chunk):
@@ -325,19 +325,20 @@ def _score_rows(model, rows, head, chunk):
     hidden = model.hidden(ids, pos=pos, attn_mask=mask).flatten(0, 1)
     # the context's last position predicts all four first tokens: project each position once
     needed, slot = torch.unique_consecutive(where, return_inverse=True)
+    bounds = torch.searchsorted(slot, torch.arange(0, len(needed) + chunk, chunk)).tolist()
     needed, slot = needed.to(device), slot.to(device)
     nll = torch.empty(len(target), dtype=torch.float32, device=device)
-    bounds = torch.searchsorted(slot, torch.arange(0, len(needed) + chunk, chunk, device=device)).tolist()
     for n, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
         # chunks keep the (positions, 50257) logits small; never the whole batch's at once
         logits = F.linear(hidden[needed[n * chunk:(n + 1) * chunk]].to(head.dtype), head)
-        # softmax computes in fp32 inside one fused pass, and a probability keeps ~3 significant
-        # digits even in bf16, so -log p is within 0.004 of fp32's log-softmax on the same logits,
-        # six times faster than upcasting the logits; tiny keeps p = 0 (NLL > 87) finite
+        # softmax accumulates in fp32 inside one fused pass, and a probability keeps ~3 significant
+        # digits even in bf16, so on a CPU -log p is within 0.004 of fp32's log-softmax on the same
+        # logits at a sixth of the cost of upcasting them (CUDA autocast runs softmax in fp32);
+        # tiny keeps p = 0 (NLL > 87) finite
         probs = F.softmax(logits, dim=-1)[slot[lo:hi] - n * chunk, target[lo:hi]]
         nll[lo:hi] = -probs.float().clamp_min(torch.finfo(probs.dtype).tiny).log()
-    sums = torch.zeros(4 * count, dtype=torch.float64, device=device)
-    return sums.index_add_(0, owner, nll.double()).view(-1, 4)
+    # summed in float64 on the CPU (MPS has no float64)
+    return torch.zeros(4 * count, dtype=torch.float64).index_add_(0, owner, nll.cpu().double()).view(-1, 4)
 
 
 class Result:
@@ -393,7 +394,7 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
     if runtime.dtype != torch.float32:
         head = head.to(runtime.dtype)  # cast once, not on every chunk
     # per example: the four summed NLLs and the four acc_norm divisors
-    scores = torch.zeros(len(examples), 2, 4, dtype=torch.float64, device=runtime.device)
+    scores = torch.zeros(len(examples), 2, 4, dtype=torch.float64)
     bar = tqdm(total=len(examples), unit=" examples", disable=not (progress and rank == 0), dynamic_ncols=True)
     batches, count = [], batch_size
     for row in rows:  # whole rows, about batch_size examples per forward pass
@@ -406,12 +407,15 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
         for batch in batches:
             chosen = [i for row in batch for i in row]
             scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], head, chunk)
-            scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64).to(runtime.device)
+            scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64)
             bar.update(min(len(chosen) * world, len(examples) - bar.n))
     bar.close()
-    if distributed:
-        dist.all_reduce(scores)  # each example is filled on exactly one rank, zero elsewhere
+    if distributed:  # each example is filled on exactly one rank, zero elsewhere
+        on = runtime.device if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+        reduced = scores.to(on)
+        dist.all_reduce(reduced)
+        scores = reduced.cpu()
     model.train(was_training)
-    sum_nll, norm = scores.cpu().unbind(dim=1)
+    sum_nll, norm = scores.unbind(dim=1)
     labels = torch.tensor([ex["label"] for ex in examples])
     return Result(labels, sum_nll, sum_nll / norm, variant)
