@@ -17,6 +17,7 @@ VOCAB_SIZE=50304 are no text), in the batched path and in the one-example refere
 """
 
 import bisect
+import contextlib
 import json
 import os
 import re
@@ -201,9 +202,9 @@ def encode_example(example, variant="nanogpt", block_size=None):
         endings = [encode(context_text + " " + ending)[len(context):] for ending in ending_texts]
     context = context or [EOT]  # the first ending token must be predicted from something
     if block_size is not None:
-        # the last ending token is only a target, so context + ending - 1 positions must fit
-        endings = [ending[:block_size] for ending in endings]
-        context = context[-(block_size + 1 - max(len(e) for e in endings)):]
+        # build-nanogpt feeds context + ending whole, so that must fit (with one context token left)
+        endings = [ending[:block_size - 1] for ending in endings]
+        context = context[-(block_size - max(len(e) for e in endings)):]
     if variant == "nanogpt":
         norm = [len(ending) for ending in endings]  # mean NLL per token
     else:
@@ -231,17 +232,19 @@ def _render(enc):
 # ----- scoring -----------------------------------------------------------------------------------
 
 @torch.no_grad()
-def reference_scores(model, example, variant="nanogpt"):
-    """One example per forward pass, the build-nanogpt way: four padded rows, logits at every
-    position. Returns the summed NLL of each ending (4,) and what acc_norm divides it by (4,).
-    The batched `evaluate` must agree with it; tests and bench/bench_hellaswag.py use it."""
+def reference_scores(model, example, variant="nanogpt", runtime=None):
+    """One example per forward pass, exactly the build-nanogpt way: four padded rows, logits at
+    every position (the model under `runtime`'s autocast, the cross-entropy outside it). Returns
+    the summed NLL of each ending (4,) and what acc_norm divides it by (4,). The batched
+    `evaluate` must agree with it; tests and bench/bench_hellaswag.py use it."""
     device = next(model.parameters()).device
     enc = encode_example(example, variant, model.config.block_size)
     tokens, mask, _ = _render(enc)
     tokens, mask = tokens.to(device), mask.to(device)
-    logits, _ = model(tokens[:, :-1])  # the last token is only ever a target
-    logits = logits[..., :GPT2_VOCAB_SIZE].float()
-    losses = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
+    with runtime.autocast() if runtime else contextlib.nullcontext():
+        logits, _ = model(tokens)
+    shift_logits = logits[:, :-1, :GPT2_VOCAB_SIZE].contiguous()
+    losses = F.cross_entropy(shift_logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
     sum_nll = (losses * mask[:, 1:]).sum(dim=1)
     return sum_nll.cpu().double(), torch.tensor(enc.norm, dtype=torch.float64)
 

@@ -200,8 +200,8 @@ def test_short_block_size_drops_context_from_the_left():
     enc = hellaswag.encode_example(FULL_ROW, block_size=8)
     full = hellaswag.encode_example(FULL_ROW)
     longest = max(len(e) for e in full.endings)
-    assert enc.endings == full.endings and enc.context == full.context[-(9 - longest):]
-    assert max(len(enc.context) + len(e) - 1 for e in enc.endings) == 8
+    assert longest <= 7 and enc.endings == full.endings and enc.context == full.context[-(8 - longest):]
+    assert max(len(enc.context) + len(e) for e in enc.endings) == 8
 
 
 # ----- scoring -----------------------------------------------------------------------------------
