@@ -22,7 +22,8 @@ from model import GPT
 def parse_args():
     parser = argparse.ArgumentParser(description="Evaluate a model on the HellaSwag validation set.")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="a checkpoint written by train.py (default: the newest in $LOG_DIR)")
+    source.add_argument("--checkpoint",
+                        help="a checkpoint written by train.py, or a folder: its newest (default: $LOG_DIR)")
     source.add_argument("--hf-model",
                         help="a Hugging Face GPT-2 instead: a Hub name (gpt2, gpt2-medium, ...) or a local directory")
     parser.add_argument("--limit", type=int, default=None,
@@ -56,9 +57,12 @@ def load_model(args, runtime, log_dir):
         model = GPT.from_pretrained(args.hf_model)
         name = args.hf_model
     else:
-        path = args.checkpoint or checkpoint.latest_checkpoint(log_dir)
-        if path is None:
-            raise UserError(f"no checkpoint in {log_dir}/: pass --checkpoint PATH, or train one with train.py")
+        path = args.checkpoint
+        if path is None or os.path.isdir(path):  # a folder: its newest checkpoint
+            folder = path or log_dir
+            path = checkpoint.latest_checkpoint(folder)
+            if path is None:
+                raise UserError(f"no checkpoint in {folder}/: pass --checkpoint PATH, or train one with train.py")
         say(runtime, f"Loading checkpoint from {path}")
         state = checkpoint.load(path)
         say(runtime, "Initializing model...")

@@ -118,6 +118,7 @@ def test_hf_model_scores_like_the_converted_checkpoint(real_file, log_dir, tmp_p
 
 
 def test_bad_inputs_exit_with_one_line(log_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "hs").mkdir()
     (tmp_path / "corrupt.pt").write_bytes(b"not a zip file at all")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     for name in ("nope.pt", "corrupt.pt", "other.pt"):  # the wording is checkpoint.py's
@@ -131,6 +132,7 @@ def test_bad_inputs_exit_with_one_line(log_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DTYPE", "float8")
     assert "DTYPE must be" in fails(monkeypatch, capsys)
     monkeypatch.setenv("DTYPE", "float32")
+    assert f"no checkpoint in {tmp_path / 'hs'}/" in fails(monkeypatch, capsys, "--checkpoint", str(tmp_path / "hs"))
     monkeypatch.setenv("LOG_DIR", str(tmp_path / "empty"))
     assert "no checkpoint in" in fails(monkeypatch, capsys)
 
@@ -146,7 +148,8 @@ def test_offline_without_hellaswag_data(log_dir, tmp_path, monkeypatch, capsys):
 
 def test_torchrun_splits_the_examples(real_file, log_dir, monkeypatch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HELLASWAG_LIMIT": "30"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "evaluate.py",
+               "--checkpoint", str(log_dir)]  # a folder: its newest checkpoint
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("Overall Results:") == 1 and done.stdout.count("Model loaded successfully!") == 1
