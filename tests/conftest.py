@@ -9,6 +9,24 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEMO_SHARD_SIZE = 100_000  # the demo corpus (~1.36M tokens) makes 1 val and 13 train shards
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny test models gain nothing from a second thread; on a busy machine it costs them waits."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def real_file(monkeypatch):
+    """The real HellaSwag rows in ../shared/data, selected through HELLASWAG_PATH."""
+    path = SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl"
+    if not path.is_file():
+        pytest.skip(f"real HellaSwag rows not found at {path}")
+    monkeypatch.setenv("HELLASWAG_PATH", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory):
     """Path of the demo corpus built in-process once per session (about 2 s), SHARD_SIZE=1e5."""

@@ -17,24 +17,6 @@ import hub
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_FILE = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy machine it costs them waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def real_file(monkeypatch):
-    if not REAL_FILE.is_file():
-        pytest.skip(f"real HellaSwag rows not found at {REAL_FILE}")
-    monkeypatch.setenv("HELLASWAG_PATH", str(REAL_FILE))
-    return REAL_FILE
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ preprocessing, and the batched scorer against build-nanogpt's one-example-at-a-t
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,25 +14,6 @@ import hub
 from model import GPT, GPTConfig
 from tokenizer import encode
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hellaswag"
-REAL_FILE = SHARED / "hellaswag_val.jsonl"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy machine it costs them waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def real_file(monkeypatch):
-    if not REAL_FILE.is_file():
-        pytest.skip(f"real HellaSwag rows not found at {REAL_FILE}")
-    monkeypatch.setenv("HELLASWAG_PATH", str(REAL_FILE))
-    return REAL_FILE
 
 
 @pytest.fixture

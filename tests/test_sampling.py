@@ -11,15 +11,6 @@ from sampling import generate, make_generator, sample_next, stream
 from tokenizer import EOT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def varied():
     """A tiny model with large random weights: unlike a freshly initialised one, its greedy output

@@ -45,16 +45,6 @@ TINY = dict(
 CHECKPOINT_KEYS = {"model", "optimizer", "config", "train_config", "step", "val_loss", "loader", "rng"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads spinning against other
-    test processes on this 2-core machine made the runs several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def token_dataset(tmp_path_factory):
     """A small learnable dataset (templated sums) in shards.py's format: 3 train shards, 1 val."""
