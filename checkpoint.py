@@ -126,14 +126,19 @@ def load_model(path, device="cpu"):
     return model, state
 
 
-def model_path_from_env():
-    """The checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH (a file, or a folder whose
-    newest checkpoint is taken), else the newest in LOG_DIR."""
-    path = env_str("TESTING_MODEL_PATH", None)
+def resolve_path(path, hint):
+    """The checkpoint file to use: `path` itself, the newest one in the folder `path`, or the newest
+    in LOG_DIR when `path` is None. `hint` ends the error when there is none."""
     if path and not os.path.isdir(path):
         return path
     folder = path or env_str("LOG_DIR", "log")
     newest = latest_checkpoint(folder)
     if newest is None:
-        raise UserError(f"no checkpoint in {folder}/: train one with train.py, or set TESTING_MODEL_PATH")
+        raise UserError(f"no checkpoint in {folder}/: {hint}")
     return newest
+
+
+def model_path_from_env():
+    """The checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH (a file, or a folder whose
+    newest checkpoint is taken), else the newest in LOG_DIR."""
+    return resolve_path(env_str("TESTING_MODEL_PATH", None), "train one with train.py, or set TESTING_MODEL_PATH")

@@ -49,7 +49,7 @@ def parse_args():
     return args
 
 
-def load_model(args, runtime, log_dir):
+def load_model(args, runtime):
     """The raw GPT on the runtime's device, and a name for the report."""
     if args.hf_model:
         say(runtime, f"Loading Hugging Face model {args.hf_model}")
@@ -57,12 +57,7 @@ def load_model(args, runtime, log_dir):
         model = GPT.from_pretrained(args.hf_model)
         name = args.hf_model
     else:
-        path = args.checkpoint
-        if path is None or os.path.isdir(path):  # a folder: its newest checkpoint
-            folder = path or log_dir
-            path = checkpoint.latest_checkpoint(folder)
-            if path is None:
-                raise UserError(f"no checkpoint in {folder}/: pass --checkpoint PATH, or train one with train.py")
+        path = checkpoint.resolve_path(args.checkpoint, "pass --checkpoint PATH, or train one with train.py")
         say(runtime, f"Loading checkpoint from {path}")
         state = checkpoint.load(path)
         say(runtime, "Initializing model...")
@@ -110,7 +105,7 @@ def main():
     try:
         say(runtime, f"Using device: {runtime.device} ({runtime.dtype_name}), HellaSwag variant: {args.variant}")
         log_dir = env_str("LOG_DIR", "log")
-        model, name = load_model(args, runtime, log_dir)
+        model, name = load_model(args, runtime)
         examples = hellaswag.load_examples(args.limit)
         say(runtime, "Evaluating on HellaSwag validation set...")
         result = hellaswag.evaluate(model, runtime, examples, args.batch_size, args.variant, progress=True)

@@ -15,8 +15,8 @@ import os
 import shutil
 import tempfile
 
-from checkpoint import latest_checkpoint, load_model
-from env import UserError, cli, env_str
+from checkpoint import load_model, resolve_path
+from env import UserError, cli
 from model import GPT2_VOCAB_SIZE
 from tokenizer import EOT, bpe_files, encode
 
@@ -37,15 +37,6 @@ def parse_args(argv=None):
                         "(default: the newest in $LOG_DIR)")
     parser.add_argument("--out", required=True, help="the directory to write (new, empty, or an earlier export)")
     return parser.parse_args(argv)
-
-
-def find_checkpoint(path):
-    if path is None or os.path.isdir(path):
-        folder = path or env_str("LOG_DIR", "log")
-        path = latest_checkpoint(folder)
-        if path is None:
-            raise UserError(f"no checkpoint in {folder}/: train one with train.py, or pass --checkpoint PATH")
-    return path
 
 
 def check_out_dir(out):
@@ -118,7 +109,7 @@ def write_export(model, out):
 @cli
 def main(argv=None):
     args = parse_args(argv)
-    path = find_checkpoint(args.checkpoint)
+    path = resolve_path(args.checkpoint, "train one with train.py, or pass --checkpoint PATH")
     out = os.path.normpath(args.out)
     check_out_dir(out)
     model, state = load_model(path)
