@@ -73,20 +73,22 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def keep_freed_memory():
+def keep_freed_memory(keep=True):
     """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
 
     A CPU training step allocates and frees buffers of hundreds of MB; by default glibc maps each
     one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again
     (measured here: up to 46% of a small model's step). Same as MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=2147483647, but it holds for a user who just types `uv run train.py`.
+    keep=False restores glibc's defaults: bench_train times the baseline loop as its users run it.
     """
     if platform.system() != "Linux":
         return False
+    mmap_max, trim_threshold = (0, 2**31 - 1) if keep else (65536, 128 * 1024)
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+        return bool(libc.mallopt(M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
     except (OSError, AttributeError):
         return False  # not glibc (musl, ...): nothing to tune
 

@@ -21,8 +21,8 @@ from env import UserError, env_float, env_int
 GPT2_VOCAB_SIZE = 50257
 
 # tokens per chunk of the training loss: big enough for fast matmuls, small enough that one chunk's
-# logits stay a modest buffer (CPU: 512 x 50304 floats, 100 MB)
-LOSS_CHUNK_TOKENS = {"cpu": 512, "mps": 4096, "cuda": 8192}
+# logits stay a modest buffer (CPU: 1024 x 50304 floats, 200 MB)
+LOSS_CHUNK_TOKENS = {"cpu": 1024, "mps": 4096, "cuda": 8192}
 
 
 @dataclass
@@ -89,29 +89,28 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         # under autocast the matmuls run in the low precision, the softmax always in float32
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         with torch.autocast(h.device.type, enabled=False):
-            n = h.size(0)
             w = weight.to(dtype)
-            wt = w.t().contiguous()  # once here, not a hidden copy inside every chunk's matmul
             grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
-            grad_wt = torch.zeros(wt.shape, dtype=torch.float32, device=h.device)
+            # accumulated over the chunks in float32; (vocab, n_embd) like the weight, so that neither
+            # this sum nor autograd's (the weight is tied to wte) walks a transposed matrix
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            for start in range(0, n, chunk_size):
+            for start in range(0, h.size(0), chunk_size):
                 hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
-                probs = torch.softmax(hc @ wt, dim=1, dtype=torch.float32)
+                probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
                 loss -= probs.gather(1, tc).log().sum()
-                # d(loss sum)/d(logits) = softmax - one_hot; the 1/n of the mean is applied once below
+                # d(loss sum)/d(logits) = softmax - one_hot; the 1/n of the mean is applied in backward
                 grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
                 grad_h[start:start + chunk_size] = grad @ w
-                grad_wt += hc.t() @ grad
-            grad_h /= n
-            grad_wt /= n
-            ctx.save_for_backward(grad_h, grad_wt)
-        return loss / n
+                grad_w += grad.t() @ hc
+            ctx.save_for_backward(grad_h, grad_w)
+        return loss / h.size(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_wt = ctx.saved_tensors
-        return grad_h * grad_loss, grad_wt.t() * grad_loss, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_loss / grad_h.size(0)
+        return grad_h * scale, grad_w * scale, None, None
 
 
 class CausalSelfAttention(nn.Module):

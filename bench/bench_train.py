@@ -4,9 +4,11 @@
     uv run python -m bench.bench_train --parity        # does the default precision learn like fp32?
 
 Each repeat times `--steps` calls of train.train_step (one update: BATCH_SIZE=8 x SEQ_LENGTH=256
-tokens, AdamW, clipping, the data loader over memory-mapped shards), alternating the
-configurations so machine noise hits both alike. MFU is against the device's bf16 matmul peak,
-measured between the repeats of this same run (bench_matmul_peak's recorded figure is shown beside it).
+tokens, AdamW, clipping, the data loader over memory-mapped shards) and as many steps of the
+baseline, a build-nanogpt-style loop on the same model (see BuildNanogptStep), alternating the two
+sides and the configurations so machine noise hits all alike; "speed-up" is the ratio of each
+repeat's pair. MFU is against the device's bf16 matmul peak, measured between the repeats of this
+same run (bench_matmul_peak's recorded figure is shown beside it).
 
 --parity trains the tiny configuration 100 updates on the demo corpus in float32 and in the default
 precision from the same initial weights and batches, and reports the mean loss of updates 91-100 of
@@ -54,49 +56,112 @@ class Setup:
         self.scaler = train.grad_scaler(runtime)
         self.loader = shards.TokenLoader(dataset_path, "train", batch_size, seq_length, verbose=False)
         self.runtime = runtime
+        self.B, self.T = batch_size, seq_length
 
     def step(self, lr=6e-4):
         loss, _ = train.train_step(self.model, self.optimizer, self.scaler, self.loader, self.runtime, 1, lr)
         return loss.item()  # waits for the device, as train.py's loop does
 
 
+class BuildNanogptStep:
+    """The baseline: build-nanogpt's update as it runs on this device. The same model and autocast
+    precision, but the full (tokens x 50,304) logits and F.cross_entropy on them, AdamW's default
+    (unfused) update, the token stream as one torch tensor, and glibc's default allocator on the CPU."""
+
+    def __init__(self, name, runtime, dataset_path, use_compile, batch_size=8, seq_length=256, seed=1337):
+        torch.manual_seed(seed)
+        shape = GPTConfig(block_size=max(256, seq_length), vocab_size=50304, **SHAPES[name])
+        raw = GPT(shape).to(runtime.device)
+        self.model = torch.compile(raw) if use_compile else raw
+        params = list(raw.parameters())
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+        ids = np.load(os.path.join(dataset_path, shards.shard_name("train", 0)))
+        self.tokens = torch.tensor(ids.astype(np.int32), dtype=torch.long)
+        self.B, self.T, self.position = batch_size, seq_length, 0
+        self.runtime = runtime
+
+    def step(self, lr=6e-4):
+        B, T = self.B, self.T
+        buf = self.tokens[self.position:self.position + B * T + 1]
+        x, y = buf[:-1].view(B, T).to(self.runtime.device), buf[1:].view(B, T).to(self.runtime.device)
+        self.position = self.position + B * T if self.position + 2 * B * T + 1 <= len(self.tokens) else 0
+        self.model.train()
+        self.optimizer.zero_grad()
+        with self.runtime.autocast():
+            _, loss = self.model(x, y)  # the logits in full, then F.cross_entropy
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return loss.item()
+
+
+def timed_tokens_per_s(setup, steps, runtime):
+    """One untimed step (the allocator settles after the other side ran), then `steps` timed ones."""
+    device.keep_freed_memory(keep=isinstance(setup, Setup))
+    setup.step()
+    runtime.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        setup.step()
+    return steps * setup.B * setup.T / (time.perf_counter() - start)
+
+
 def speed(args, runtime):
     use_compile = runtime.device_type == "cuda" if args.compile == "auto" else args.compile == "1"
+    sides = {"ours": Setup} | ({"baseline": BuildNanogptStep} if args.baseline else {})
     with tempfile.TemporaryDirectory() as dataset_path:
         random_token_dataset(dataset_path)
-        setups = {name: Setup(name, runtime, dataset_path, use_compile, args.batch_size, args.seq_length)
-                  for name in args.configs}
-        for setup in setups.values():
+        setups = {(name, side): make(name, runtime, dataset_path, use_compile, args.batch_size, args.seq_length)
+                  for name in args.configs for side, make in sides.items()}
+        for key, setup in setups.items():
+            device.keep_freed_memory(keep=key[1] == "ours")
             for _ in range(args.warmup):
                 setup.step()
-        runs = {name: [] for name in setups}
+        runs = {key: [] for key in setups}
         peaks = []
-        for _ in range(args.repeats):  # alternate the configurations and the peak measurement
+        for _ in range(args.repeats):  # alternate the peak measurement, the configurations and the sides
+            device.keep_freed_memory()
             peaks.append(matmul_flops_per_s(2048, torch.bfloat16, runtime.device, seconds=0.3))
-            for name, setup in setups.items():
-                runtime.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    setup.step()
-                runs[name].append(args.steps * args.batch_size * args.seq_length / (time.perf_counter() - start))
+            for key, setup in setups.items():
+                runs[key].append(timed_tokens_per_s(setup, args.steps, runtime))
+        device.keep_freed_memory()
     # GPUs: the data-sheet peak train.py's MFU uses; CPUs: the best matmul rate seen during this run
     peak = train.peak_flops(train.TrainConfig(), runtime) or max(peaks)
     figures = {}
-    for name, values in runs.items():
-        flops = setups[name].raw.flops_per_token(args.seq_length)
-        figures[name] = {"tok_per_sec": report.spread(values),
-                         "mfu": report.spread([v * flops / peak for v in values]),
-                         "params": setups[name].raw.num_params(), "flops_per_token": flops}
+    for name in args.configs:
+        raw = setups[name, "ours"].raw
+        flops = raw.flops_per_token(args.seq_length)
+        figures[name] = {"params": raw.num_params(), "flops_per_token": flops}
+        for side in sides:
+            values = runs[name, side]
+            figures[name][side] = {"tok_per_sec": report.spread(values), "mfu": report.spread([v * flops / peak for v in values])}
+        if args.baseline:
+            figures[name]["speedup"] = report.spread([a / b for a, b in zip(runs[name, "ours"], runs[name, "baseline"])])
     print(f"train.train_step, {runtime.device} {runtime.dtype_name}, compile {'on' if use_compile else 'off'}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}x{args.seq_length}, "
           f"{args.repeats} repeats of {args.steps} steps")
     recorded = report.read_peak(runtime.device, "bfloat16")
     print(f"MFU against a bf16 peak of {peak / 1e9:,.0f} GFLOP/s; the best 2048x2048 bf16 matmul during this run: "
           f"{max(peaks) / 1e9:,.0f}" + (f"; bench_matmul_peak recorded {recorded / 1e9:,.0f}" if recorded else ""))
-    report.table(["config", "tok/s min", "median", "max", "MFU % min", "median", "max"],
-                 [[name, f["tok_per_sec"]["min"], f["tok_per_sec"]["median"], f["tok_per_sec"]["max"],
-                   100 * f["mfu"]["min"], 100 * f["mfu"]["median"], 100 * f["mfu"]["max"]]
-                  for name, f in figures.items()])
+    headers = ["config", "tok/s min", "median", "max", "MFU % min", "median", "max"]
+    if args.baseline:
+        headers += ["baseline tok/s", "MFU %", "speed-up min", "median", "max"]
+    rows = []
+    for name, f in figures.items():
+        ours = f["ours"]
+        row = [name, ours["tok_per_sec"]["min"], ours["tok_per_sec"]["median"], ours["tok_per_sec"]["max"],
+               100 * ours["mfu"]["min"], 100 * ours["mfu"]["median"], 100 * ours["mfu"]["max"]]
+        if args.baseline:
+            row += [f["baseline"]["tok_per_sec"]["median"], 100 * f["baseline"]["mfu"]["median"],
+                    f"{f['speedup']['min']:.2f}x", f"{f['speedup']['median']:.2f}x", f"{f['speedup']['max']:.2f}x"]
+        rows.append(row)
+    report.table(headers, rows)
+    if args.baseline:
+        print("baseline: build-nanogpt-style step (full logits + F.cross_entropy, unfused AdamW, glibc's default allocator)")
     config = {**vars(args), "dtype": runtime.dtype_name, "compile": use_compile, "peak_bf16_flops": peak, "peak_bf16_runs": report.spread(peaks)}
     report.save("train", figures, config, runtime.device)
 
@@ -144,6 +209,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (as train.py chooses), float32, bfloat16, float16")
     parser.add_argument("--compile", default="auto", choices=["auto", "0", "1"])
+    parser.add_argument("--baseline", type=int, default=1, choices=[0, 1], help="also time the build-nanogpt-style loop (1)")
     parser.add_argument("--parity", action="store_true", help="fp32 against the default precision, 100 updates")
     args = parser.parse_args()
     args.configs = [name.strip() for name in args.configs.split(",")]
