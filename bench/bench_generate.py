@@ -42,13 +42,15 @@ def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="rounds at batch 1")
-    parser.add_argument("--repeats-batch-4", type=int, default=1, help="rounds at batch 4 (its uncached run is the longest)")
-    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--repeats", type=report.positive_int, default=2, help="rounds at batch 1")
+    parser.add_argument("--repeats-batch-4", type=int, default=1, help="rounds at batch 4 (its uncached run is the longest; 0 skips it)")
+    parser.add_argument("--new-tokens", type=report.positive_int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice, one per core)")
     args = parser.parse_args()
+    if args.repeats_batch_4 < 0 or args.threads < 0:
+        parser.error("--repeats-batch-4 and --threads must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]  # this machine is shared: say how busy
@@ -61,7 +63,7 @@ def main():
     sides = {"cached": (runtime, True), "uncached": (runtime, False)}
     if runtime.dtype != torch.float32:
         sides["cached fp32"] = (fp32, True)
-    repeats = {1: args.repeats, 4: args.repeats_batch_4}
+    repeats = {batch: count for batch, count in ((1, args.repeats), (4, args.repeats_batch_4)) if count > 0}
     runs = {(batch, side): [] for batch in repeats for side in sides if batch == 1 or side != "cached fp32"}
     for rt, use_cache in sides.values():  # warm-up: kernel choice, allocator
         new_tokens_per_s(model, rt, prompt, 4, 4, use_cache)

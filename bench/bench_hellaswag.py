@@ -42,10 +42,10 @@ def examples_per_s(run, rows, runtime):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=96, help="real rows scored per repeat, spread over the file")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=report.positive_int, default=96, help="real rows scored per repeat, spread over the file")
+    parser.add_argument("--repeats", type=report.positive_int, default=3)
     parser.add_argument("--configs", default="small,124M")
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per forward (default: hellaswag's)")
+    parser.add_argument("--batch-size", type=report.positive_int, default=None, help="examples per forward (default: hellaswag's)")
     parser.add_argument("--device", default=os.environ.get("DEVICE", "auto"))
     parser.add_argument("--dtype", default=os.environ.get("DTYPE", "auto"))
     args = parser.parse_args()

@@ -36,8 +36,8 @@ def matmul_flops_per_s(size, dtype, device, tf32=False, seconds=0.5):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--size", type=report.positive_int, default=2048)
+    parser.add_argument("--repeats", type=report.positive_int, default=7)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = pick_device(args.device)

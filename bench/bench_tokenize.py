@@ -9,14 +9,13 @@ shared. The fineweb.py side is its recipe: a multiprocessing pool of cpu_count//
 `imap(chunksize=16)`, `encode_ordinary` per document. Then whole `dataset.py` builds of two
 dataset sizes run in fresh processes, for their throughput and peak memory: the anonymous memory
 (heap) should not grow with the dataset; file pages of `datasets`' memory-mapped Arrow files do,
-and the OS reclaims them. Prints a table and writes bench/results/bench_tokenize.json.
+and the OS reclaims them. Prints a table and writes bench/results/tokenize.json.
 """
 
 import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 import dataset
+from bench import report
 from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-RESULTS = ROOT / "bench" / "results"
 LONG_JOIN = 20  # paragraphs per long document: ~1,000 tokens, like a natural_reasoning row
 
 
@@ -68,7 +67,7 @@ def paragraphs():
 
 
 BUILD_CHILD = """
-import json, resource, sys, threading, time
+import json, sys, threading, time
 import datasets, dataset, tokenizer
 
 def resident(field):
@@ -89,7 +88,7 @@ start = time.perf_counter()
 meta = dataset.build(sys.argv[1], sys.argv[2], int(sys.argv[3]))
 seconds = time.perf_counter() - start
 print(json.dumps({"tokens": sum(split["tokens"] for split in meta["splits"].values()), "seconds": seconds,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mib": resident("VmHWM"),
                   "peak_anon_mib": peak_anon[0], "imported_rss_mib": imported["rss"],
                   "imported_anon_mib": imported["anon"]}))
 """
@@ -103,16 +102,12 @@ def measure_build(text_path, shard_size, workdir):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def summary(values):
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--copies", type=int, default=8, help="copies of tiny shakespeare to tokenize")
-    parser.add_argument("--build-copies", type=int, nargs=2, default=[8, 64], help="two dataset sizes for the builds")
-    parser.add_argument("--shard-size", type=int, default=2**20, help="SHARD_SIZE of the builds")
+    parser.add_argument("--repeats", type=report.positive_int, default=5)
+    parser.add_argument("--copies", type=report.positive_int, default=8, help="copies of tiny shakespeare to tokenize")
+    parser.add_argument("--build-copies", type=report.positive_int, nargs=2, default=[8, 64], help="two dataset sizes for the builds")
+    parser.add_argument("--shard-size", type=report.positive_int, default=2**20, help="SHARD_SIZE of the builds")
     args = parser.parse_args()
 
     short_docs = paragraphs() * args.copies
@@ -153,13 +148,13 @@ def main():
     for shape in ("short", "long"):
         label = f"{shape} ({len(short_docs if shape == 'short' else long_docs):,} docs, {counts[shape]:,} tok)"
         for side in ("ours", "fineweb"):
-            stats = summary(rates[shape, side])
+            stats = report.spread(rates[shape, side])
             figures[f"{shape}_{side}_tokens_per_s"] = stats
-            figures[f"{shape}_{side}_tokens_per_cpu_s"] = summary(per_cpu[shape, side])
+            figures[f"{shape}_{side}_tokens_per_cpu_s"] = report.spread(per_cpu[shape, side])
             print(f"{label:<36} {side:<8} {stats['min']:>10,.0f} {stats['median']:>10,.0f} {stats['max']:>10,.0f} "
                   f"{statistics.median(per_cpu[shape, side]):>10,.0f}")
         ratios = [a / b for a, b in zip(rates[shape, "ours"], rates[shape, "fineweb"])]
-        figures[f"{shape}_ratio"] = summary(ratios)
+        figures[f"{shape}_ratio"] = report.spread(ratios)
         print(f"{'':<36} {'ratio':<8} {min(ratios):>10.2f} {statistics.median(ratios):>10.2f} {max(ratios):>10.2f}")
     print(f"\nwhole dataset.py builds (SHARD_SIZE={args.shard_size:,}, fresh process each)")
     print(f"{'tokens':>12} {'tokens/s':>12} {'peak RSS MiB':>13} {'peak anon MiB':>14} {'anon growth':>12}")
@@ -170,21 +165,11 @@ def main():
     print("(anon growth: over the process after imports; the rest of RSS is file pages, the Arrow "
           "memory maps the OS reclaims)")
 
-    import torch  # only for the record
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {
-        "figures": figures, "builds": builds,
-        "config": {"repeats": args.repeats, "copies": args.copies, "shard_size": args.shard_size,
-                   "batch_documents": dataset.BATCH_DOCUMENTS, "long_join": LONG_JOIN,
-                   "fineweb_processes": processes, "fineweb_chunksize": 16},
-        "load_average": {"before": load_before, "after": load_after},
-        "torch": torch.__version__, "device": "cpu", "threads": threads, "cpu_count": os.cpu_count(),
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    out = RESULTS / "bench_tokenize.json"
-    out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    config = {**vars(args), "batch_documents": dataset.BATCH_DOCUMENTS, "long_join": LONG_JOIN,
+              "ours_threads": threads, "fineweb_processes": processes, "fineweb_chunksize": 16,
+              "load_average_before_after": [load_before, load_after]}
+    print()
+    report.save("tokenize", {**figures, "builds": builds}, config)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What every benchmark shares: min/median/max over repeats, a printed table, and a JSON record
 (figures, configuration, torch version, device, threads) under bench/results/."""
 
+import argparse
 import json
 import os
 import platform
@@ -10,6 +11,14 @@ import time
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def positive_int(text):
+    """argparse type for counts that must be at least 1 (repeats, steps, sizes)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def spread(values):
