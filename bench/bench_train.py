@@ -2,6 +2,7 @@
 
     uv run python -m bench.bench_train                 # tiny and small, default precision (< 3 min)
     uv run python -m bench.bench_train --parity        # does the default precision learn like fp32?
+    uv run python -m bench.bench_train --profile       # where a step's time goes (torch.profiler)
 
 Each repeat times `--steps` calls of train.train_step (one update: BATCH_SIZE=8 x SEQ_LENGTH=256
 tokens, AdamW, clipping, the data loader over memory-mapped shards) and as many steps of the
@@ -166,6 +167,28 @@ def speed(args, runtime):
     report.save("train", figures, config, runtime.device)
 
 
+def profile(args, runtime):
+    """torch.profiler's table of the operators that take a train_step's time, per configuration."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device_type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if runtime.device_type == "cuda" else "self_cpu_time_total"
+    with tempfile.TemporaryDirectory() as dataset_path:
+        random_token_dataset(dataset_path)
+        for name in args.configs:
+            setup = Setup(name, runtime, dataset_path, use_compile=False, batch_size=args.batch_size,
+                          seq_length=args.seq_length)
+            for _ in range(args.warmup):
+                setup.step()
+            with profiler(activities=activities) as prof:
+                for _ in range(args.steps):
+                    setup.step()
+            print(f"\n{name}: {args.steps} steps of batch {args.batch_size}x{args.seq_length}, "
+                  f"{runtime.device} {runtime.dtype_name}, eager")
+            print(prof.key_averages().table(sort_by=sort_by, row_limit=15))
+
+
 def demo_dataset_path():
     """The demo corpus, built once into bench/results/ (ignored by git)."""
     import dataset
@@ -210,6 +233,7 @@ def main():
     parser.add_argument("--dtype", default="auto", help="auto (as train.py chooses), float32, bfloat16, float16")
     parser.add_argument("--compile", default="auto", choices=["auto", "0", "1"])
     parser.add_argument("--baseline", type=int, default=1, choices=[0, 1], help="also time the build-nanogpt-style loop (1)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators instead of timing")
     parser.add_argument("--parity", action="store_true", help="fp32 against the default precision, 100 updates")
     args = parser.parse_args()
     args.configs = [name.strip() for name in args.configs.split(",")]
@@ -218,6 +242,8 @@ def main():
         parser.error(f"unknown configuration {unknown[0]!r}: choose from {', '.join(SHAPES)}")
     if args.parity:
         parity(args)
+    elif args.profile:
+        profile(args, device.setup(args.device, args.dtype))
     else:
         speed(args, device.setup(args.device, args.dtype))
 
