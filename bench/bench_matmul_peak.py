@@ -13,27 +13,33 @@ import torch
 
 from bench import report
 from device import pick_device
+from env import cli
 
 
 def matmul_flops_per_s(size, dtype, device, tf32=False, seconds=0.5):
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    a @ b  # warm-up: kernel selection, caches
-    sync()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        calls += 1
-        if device.startswith("cuda") and calls % 10:
-            continue
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 and cuda
+    try:
+        a @ b  # warm-up: kernel selection, caches
         sync()
-    sync()
-    return 2 * size**3 * calls / (time.perf_counter() - start)
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            calls += 1
+            if cuda and calls % 10:
+                continue
+            sync()
+        sync()
+        return 2 * size**3 * calls / (time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32_before  # callers (bench_train) keep their setting
 
 
+@cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=report.positive_int, default=2048)

@@ -1,15 +1,16 @@
 """Data prep: dataset.py's threaded tokenizer against build-nanogpt's fineweb.py process pool.
 
-    uv run python -m bench.bench_tokenize [--repeats 5] [--copies 8]
+    uv run python -m bench.bench_tokenize [--repeats 5] [--copies 8] [--build-copies 8 64 256]
 
 Both sides tokenize the same documents (tiny shakespeare's paragraphs, `--copies` times, as short
 documents and joined 20 at a time as long ones, natural_reasoning's typical length) into uint16
 arrays with <|endoftext|> before each document, alternating over the repeats since this machine is
 shared. The fineweb.py side is its recipe: a multiprocessing pool of cpu_count//2 processes,
-`imap(chunksize=16)`, `encode_ordinary` per document. Then whole `dataset.py` builds of two
-dataset sizes run in fresh processes, for their throughput and peak memory: the anonymous memory
-(heap) should not grow with the dataset; file pages of `datasets`' memory-mapped Arrow files do,
-and the OS reclaims them. Prints a table and writes bench/results/tokenize.json.
+`imap(chunksize=16)`, `encode_ordinary` per document. Then whole `dataset.py` builds of three
+dataset sizes (2.6M to 85M tokens) run in fresh processes, for their throughput and peak memory:
+the anonymous memory (heap) should not grow with the tokens (the shuffle's order costs 4 bytes a
+record); file pages of `datasets`' memory-mapped Arrow files do, and the OS reclaims them. Prints a
+table and writes bench/results/tokenize.json.
 """
 
 import argparse
@@ -27,6 +28,7 @@ import numpy as np
 
 import dataset
 from bench import report
+from env import UserError, cli
 from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def cpu_seconds(worker_pids):
 
 def paragraphs():
     if not SHAKESPEARE.is_file():
-        sys.exit(f"{SHAKESPEARE} is absent: this benchmark tokenizes tiny shakespeare")
+        raise UserError(f"{SHAKESPEARE} is absent: this benchmark tokenizes tiny shakespeare")
     return [p for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]
 
 
@@ -102,11 +104,13 @@ def measure_build(text_path, shard_size, workdir):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=report.positive_int, default=5)
     parser.add_argument("--copies", type=report.positive_int, default=8, help="copies of tiny shakespeare to tokenize")
-    parser.add_argument("--build-copies", type=report.positive_int, nargs=2, default=[8, 64], help="two dataset sizes for the builds")
+    parser.add_argument("--build-copies", type=report.positive_int, nargs="+", default=[8, 64, 256],
+                        help="dataset sizes of the builds, in copies of tiny shakespeare")
     parser.add_argument("--shard-size", type=report.positive_int, default=2**20, help="SHARD_SIZE of the builds")
     args = parser.parse_args()
 
@@ -123,9 +127,10 @@ def main():
         workers = [worker.pid for worker in pool._pool]  # multiprocessing has no public way to list them
         run_fineweb(pool, short_docs[:1000])
         run_ours(short_docs[:1000], threads)
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for shape, docs in (("short", short_docs), ("long", long_docs)):
-                for side in ("ours", "fineweb"):  # alternate: both sides see the same machine load
+                # alternate, in the opposite order every other repeat: both sides see the same load
+                for side in ("ours", "fineweb") if repeat % 2 == 0 else ("fineweb", "ours"):
                     start, cpu = time.perf_counter(), cpu_seconds(workers)
                     tokens = run_ours(docs, threads) if side == "ours" else run_fineweb(pool, docs)
                     rates[shape, side].append(tokens / (time.perf_counter() - start))
@@ -143,25 +148,23 @@ def main():
     print(f"tokenization, tokens/s over {args.repeats} alternating repeats "
           f"(ours: {threads} threads; fineweb.py: pool of {processes} process(es); "
           f"1-min load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs)")
-    print(f"{'documents':<36} {'side':<8} {'min':>10} {'median':>10} {'max':>10} {'tok/CPU-s':>10}")
-    figures = {}
+    figures, rows = {}, []
     for shape in ("short", "long"):
         label = f"{shape} ({len(short_docs if shape == 'short' else long_docs):,} docs, {counts[shape]:,} tok)"
         for side in ("ours", "fineweb"):
             stats = report.spread(rates[shape, side])
             figures[f"{shape}_{side}_tokens_per_s"] = stats
             figures[f"{shape}_{side}_tokens_per_cpu_s"] = report.spread(per_cpu[shape, side])
-            print(f"{label:<36} {side:<8} {stats['min']:>10,.0f} {stats['median']:>10,.0f} {stats['max']:>10,.0f} "
-                  f"{statistics.median(per_cpu[shape, side]):>10,.0f}")
-        ratios = [a / b for a, b in zip(rates[shape, "ours"], rates[shape, "fineweb"])]
-        figures[f"{shape}_ratio"] = report.spread(ratios)
-        print(f"{'':<36} {'ratio':<8} {min(ratios):>10.2f} {statistics.median(ratios):>10.2f} {max(ratios):>10.2f}")
+            rows.append([label, side] + [f"{stats[key]:,.0f}" for key in ("min", "median", "max")]
+                        + [f"{statistics.median(per_cpu[shape, side]):,.0f}"])
+        ratios = report.spread([a / b for a, b in zip(rates[shape, "ours"], rates[shape, "fineweb"])])
+        figures[f"{shape}_ratio"] = ratios
+        rows.append(["", "ratio"] + [f"{ratios[key]:.2f}" for key in ("min", "median", "max")] + [""])
+    report.table(["documents", "side", "min", "median", "max", "tok/CPU-s"], rows)
     print(f"\nwhole dataset.py builds (SHARD_SIZE={args.shard_size:,}, fresh process each)")
-    print(f"{'tokens':>12} {'tokens/s':>12} {'peak RSS MiB':>13} {'peak anon MiB':>14} {'anon growth':>12}")
-    for build in builds:
-        growth = build["peak_anon_mib"] - build["imported_anon_mib"]
-        print(f"{build['tokens']:>12,} {build['tokens'] / build['seconds']:>12,.0f} {build['peak_rss_mib']:>13,.0f} "
-              f"{build['peak_anon_mib']:>14,.0f} {growth:>12,.0f}")
+    report.table(["tokens", "tokens/s", "peak RSS MiB", "peak anon MiB", "anon growth"],
+                 [[f"{b['tokens']:,}", f"{b['tokens'] / b['seconds']:,.0f}", f"{b['peak_rss_mib']:,.0f}",
+                   f"{b['peak_anon_mib']:,.0f}", f"{b['peak_anon_mib'] - b['imported_anon_mib']:,.0f}"] for b in builds])
     print("(anon growth: over the process after imports; the rest of RSS is file pages, the Arrow "
           "memory maps the OS reclaims)")
 

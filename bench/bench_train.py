@@ -2,14 +2,15 @@
 
     uv run python -m bench.bench_train                 # tiny and small, default precision (< 3 min)
     uv run python -m bench.bench_train --parity        # does the default precision learn like fp32?
-    uv run python -m bench.bench_train --profile       # where a step's time goes (torch.profiler)
+    uv run python -m bench.bench_train --profile       # where a step's time goes (torch.profiler, eager)
 
 Each repeat times `--steps` calls of train.train_step (one update: BATCH_SIZE=8 x SEQ_LENGTH=256
 tokens, AdamW, clipping, the data loader over memory-mapped shards) and as many steps of the
-baseline, a build-nanogpt-style loop on the same model (see BuildNanogptStep), alternating the two
-sides and the configurations so machine noise hits all alike; "speed-up" is the ratio of each
-repeat's pair. MFU is against the device's bf16 matmul peak, measured between the repeats of this
-same run (bench_matmul_peak's recorded figure is shown beside it).
+baseline, a build-nanogpt-style loop on the same model (see BuildNanogptStep). The configurations
+take turns, and so do the two sides, in the opposite order every other repeat, so machine noise
+hits all alike; "speed-up" is the ratio of each repeat's pair. MFU is against the device's matmul
+peak in the training precision, measured between the repeats of this same run (bench_matmul_peak's
+recorded figure is shown beside it); on a GPU, against PEAK_TFLOPS or the data sheet, as train.py.
 
 --parity trains the tiny configuration 100 updates on the demo corpus in float32 and in the default
 precision from the same initial weights and batches, and reports the mean loss of updates 91-100 of
@@ -17,6 +18,7 @@ each (the performance issue asks for them to agree within 0.02).
 """
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -29,8 +31,10 @@ import shards
 import train
 from bench import report
 from bench.bench_matmul_peak import matmul_flops_per_s
+from env import UserError, cli, env_float
 from model import GPT, GPTConfig
 
+PARITY_TOLERANCE = 0.02  # nats: the default precision must learn like float32
 SHAPES = {"tiny": dict(n_layer=2, n_head=2, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384),
           "124M": dict(n_layer=12, n_head=12, n_embd=768)}
 
@@ -45,14 +49,20 @@ def random_token_dataset(path, tokens=1_000_000, seed=0):
                                         for split in names}})
 
 
+def make_model(name, runtime, use_compile, seq_length, seed):
+    """The configuration's GPT, with the same initial weights for a given seed: (raw, as stepped)."""
+    torch.manual_seed(seed)
+    raw = GPT(GPTConfig(block_size=max(256, seq_length), vocab_size=50304, **SHAPES[name])).to(runtime.device)
+    return raw, torch.compile(raw) if use_compile else raw
+
+
 class Setup:
     """One configuration ready to step: the same objects train.py builds."""
 
+    keeps_freed_memory = True  # as device.setup() sets it for train.py
+
     def __init__(self, name, runtime, dataset_path, use_compile, batch_size=8, seq_length=256, seed=1337):
-        torch.manual_seed(seed)
-        shape = GPTConfig(block_size=max(256, seq_length), vocab_size=50304, **SHAPES[name])
-        self.raw = GPT(shape).to(runtime.device)
-        self.model = torch.compile(self.raw) if use_compile else self.raw
+        self.raw, self.model = make_model(name, runtime, use_compile, seq_length, seed)
         self.optimizer = self.raw.configure_optimizers(0.1, 6e-4, runtime.device_type, verbose=False)
         self.scaler = train.grad_scaler(runtime)
         self.loader = shards.TokenLoader(dataset_path, "train", batch_size, seq_length, verbose=False)
@@ -66,18 +76,18 @@ class Setup:
 
 class BuildNanogptStep:
     """The baseline: build-nanogpt's update as it runs on this device. The same model and autocast
-    precision, but the full (tokens x 50,304) logits and F.cross_entropy on them, AdamW's default
-    (unfused) update, the token stream as one torch tensor, and glibc's default allocator on the CPU."""
+    precision, but the full (tokens x 50,304) logits and F.cross_entropy on them, AdamW fused only on
+    CUDA, the token stream as one torch tensor, and on the CPU glibc's self-adjusting allocator."""
+
+    keeps_freed_memory = False
 
     def __init__(self, name, runtime, dataset_path, use_compile, batch_size=8, seq_length=256, seed=1337):
-        torch.manual_seed(seed)
-        shape = GPTConfig(block_size=max(256, seq_length), vocab_size=50304, **SHAPES[name])
-        raw = GPT(shape).to(runtime.device)
-        self.model = torch.compile(raw) if use_compile else raw
+        raw, self.model = make_model(name, runtime, use_compile, seq_length, seed)
         params = list(raw.parameters())
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+        fused = runtime.device_type == "cuda"
+        self.optimizer = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused)
         ids = np.load(os.path.join(dataset_path, shards.shard_name("train", 0)))
         self.tokens = torch.tensor(ids.astype(np.int32), dtype=torch.long)
         self.B, self.T, self.position = batch_size, seq_length, 0
@@ -102,7 +112,7 @@ class BuildNanogptStep:
 
 def timed_tokens_per_s(setup, steps, runtime):
     """One untimed step (the allocator settles after the other side ran), then `steps` timed ones."""
-    device.keep_freed_memory(keep=isinstance(setup, Setup))
+    device.keep_freed_memory(keep=setup.keeps_freed_memory)
     setup.step()
     runtime.synchronize()
     start = time.perf_counter()
@@ -118,20 +128,21 @@ def speed(args, runtime):
         random_token_dataset(dataset_path)
         setups = {(name, side): make(name, runtime, dataset_path, use_compile, args.batch_size, args.seq_length)
                   for name in args.configs for side, make in sides.items()}
-        for key, setup in setups.items():
-            device.keep_freed_memory(keep=key[1] == "ours")
+        for setup in setups.values():
+            device.keep_freed_memory(keep=setup.keeps_freed_memory)
             for _ in range(args.warmup):
                 setup.step()
         runs = {key: [] for key in setups}
         peaks = []
-        for _ in range(args.repeats):  # alternate the peak measurement, the configurations and the sides
+        for repeat in range(args.repeats):
             device.keep_freed_memory()
-            peaks.append(matmul_flops_per_s(2048, torch.bfloat16, runtime.device, seconds=0.3))
-            for key, setup in setups.items():
-                runs[key].append(timed_tokens_per_s(setup, args.steps, runtime))
+            peaks.append(matmul_flops_per_s(2048, runtime.dtype, runtime.device, seconds=0.3))
+            for name in args.configs:
+                for side in list(sides) if repeat % 2 == 0 else list(sides)[::-1]:
+                    runs[name, side].append(timed_tokens_per_s(setups[name, side], args.steps, runtime))
         device.keep_freed_memory()
-    # GPUs: the data-sheet peak train.py's MFU uses; CPUs: the best matmul rate seen during this run
-    peak = train.peak_flops(train.TrainConfig(), runtime) or max(peaks)
+    # GPUs: PEAK_TFLOPS or the data-sheet peak, as train.py; CPUs: the best matmul rate of this run
+    peak = train.peak_flops(train.TrainConfig(peak_tflops=env_float("PEAK_TFLOPS", 0.0)), runtime) or max(peaks)
     figures = {}
     for name in args.configs:
         raw = setups[name, "ours"].raw
@@ -142,11 +153,12 @@ def speed(args, runtime):
             figures[name][side] = {"tok_per_sec": report.spread(values), "mfu": report.spread([v * flops / peak for v in values])}
         if args.baseline:
             figures[name]["speedup"] = report.spread([a / b for a, b in zip(runs[name, "ours"], runs[name, "baseline"])])
-    print(f"train.train_step, {runtime.device} {runtime.dtype_name}, compile {'on' if use_compile else 'off'}, "
+    dtype = runtime.dtype_name
+    print(f"train.train_step, {runtime.device} {dtype}, compile {'on' if use_compile else 'off'}, "
           f"{torch.get_num_threads()} threads, batch {args.batch_size}x{args.seq_length}, "
           f"{args.repeats} repeats of {args.steps} steps")
-    recorded = report.read_peak(runtime.device, "bfloat16")
-    print(f"MFU against a bf16 peak of {peak / 1e9:,.0f} GFLOP/s; the best 2048x2048 bf16 matmul during this run: "
+    recorded = report.read_peak(runtime.device, dtype)
+    print(f"MFU against a {dtype} peak of {peak / 1e9:,.0f} GFLOP/s; the best 2048x2048 {dtype} matmul during this run: "
           f"{max(peaks) / 1e9:,.0f}" + (f"; bench_matmul_peak recorded {recorded / 1e9:,.0f}" if recorded else ""))
     headers = ["config", "tok/s min", "median", "max", "MFU % min", "median", "max"]
     if args.baseline:
@@ -162,8 +174,9 @@ def speed(args, runtime):
         rows.append(row)
     report.table(headers, rows)
     if args.baseline:
-        print("baseline: build-nanogpt-style step (full logits + F.cross_entropy, unfused AdamW, glibc's default allocator)")
-    config = {**vars(args), "dtype": runtime.dtype_name, "compile": use_compile, "peak_bf16_flops": peak, "peak_bf16_runs": report.spread(peaks)}
+        print("baseline: build-nanogpt-style step (full logits + F.cross_entropy, AdamW fused only on CUDA, "
+              "glibc's self-adjusting allocator)")
+    config = {**vars(args), "dtype": dtype, "compile": use_compile, "peak_flops": peak, "peak_runs": report.spread(peaks)}
     report.save("train", figures, config, runtime.device)
 
 
@@ -201,11 +214,14 @@ def demo_dataset_path():
 
 def parity(args):
     """Mean loss of updates 91-100 of the tiny configuration in float32 and the default precision."""
+    default = device.setup(args.device, args.dtype)
+    if default.dtype == torch.float32:
+        raise UserError(f"the precision here ({default.device}, --dtype {args.dtype}) is float32 already: "
+                        "nothing to compare; pass --dtype bfloat16 or float16")
     dataset_path = demo_dataset_path()
     schedule = train.TrainConfig(max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=100)
     results = {}
-    for dtype in ("float32", args.dtype):
-        runtime = device.setup(args.device, dtype)
+    for runtime in (dataclasses.replace(default, dtype=torch.float32), default):
         print(f"{runtime.dtype_name}: {schedule.max_steps} updates of the tiny configuration...", flush=True)
         setup = Setup("tiny", runtime, dataset_path, use_compile=False)
         start = time.perf_counter()
@@ -215,12 +231,16 @@ def parity(args):
     print("tiny configuration, 100 updates of 2,048 demo tokens, MAX_LR 3e-3, warm-up 10, cosine to 3e-4")
     report.table(["dtype", "mean loss 91-100", "seconds"],
                  [[name, f"{r['mean_loss_91_100']:.4f}", r["seconds"]] for name, r in results.items()])
-    names = list(results)
-    if len(names) == 2:
-        print(f"difference: {abs(results[names[0]]['mean_loss_91_100'] - results[names[1]]['mean_loss_91_100']):.4f}")
-    report.save("train_parity", results, vars(args), args.device)
+    difference = abs(results["float32"]["mean_loss_91_100"] - results[default.dtype_name]["mean_loss_91_100"])
+    verdict = "within" if difference <= PARITY_TOLERANCE else "NOT within"
+    print(f"difference: {difference:.4f}, {verdict} the {PARITY_TOLERANCE} the performance issue allows")
+    report.save("train_parity", {**results, "difference": difference}, {**vars(args), "dtype": default.dtype_name},
+                default.device)
+    if difference > PARITY_TOLERANCE:
+        raise SystemExit(1)
 
 
+@cli
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small, 124M")
@@ -228,13 +248,13 @@ def main():
     parser.add_argument("--seq-length", type=report.positive_int, default=256, help="SEQ_LENGTH")
     parser.add_argument("--steps", type=report.positive_int, default=3, help="updates per timed repeat")
     parser.add_argument("--repeats", type=report.positive_int, default=4)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed updates first")
+    parser.add_argument("--warmup", type=report.non_negative_int, default=2, help="untimed updates first")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="auto (as train.py chooses), float32, bfloat16, float16")
     parser.add_argument("--compile", default="auto", choices=["auto", "0", "1"])
     parser.add_argument("--baseline", type=int, default=1, choices=[0, 1], help="also time the build-nanogpt-style loop (1)")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators instead of timing")
-    parser.add_argument("--parity", action="store_true", help="fp32 against the default precision, 100 updates")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators instead of timing (eager)")
+    parser.add_argument("--parity", action="store_true", help="fp32 against the default precision: tiny, batch 8x256, 100 updates (ignores the shape options)")
     args = parser.parse_args()
     args.configs = [name.strip() for name in args.configs.split(",")]
     unknown = [name for name in args.configs if name not in SHAPES]

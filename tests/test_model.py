@@ -1,5 +1,7 @@
 """GPT-2 architecture against Hugging Face's reference implementation, and basic learning."""
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -135,3 +137,18 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(monkeypatch, batch, 
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * expected[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_chunked_loss_stays_finite_when_the_target_probability_underflows():
+    """A diverging run can put the target 200 logits below another token: its probability underflows
+    float32, and the loss stops at 87 nats instead of going to inf; the gradient stays exact."""
+    h = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    weight = torch.tensor([[0.0, 0.0], [200.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0])
+    loss = model_module.ChunkedCrossEntropy.apply(h, weight, targets, 8)
+    loss.backward()
+    assert loss.item() == pytest.approx(-math.log(torch.finfo(torch.float32).tiny))
+    h_ref, weight_ref = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    F.cross_entropy(h_ref @ weight_ref.t(), targets).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    torch.testing.assert_close(weight.grad, weight_ref.grad)
