@@ -8,10 +8,10 @@ exact `gpt2` encoding from them and never touch the network.
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 
 import tiktoken
-from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from env import UserError
 
@@ -41,11 +41,26 @@ def bpe_files():
     return paths
 
 
+def mergeable_ranks(encoder_json):
+    """{token bytes: rank} from GPT-2's encoder.json, the table tiktoken's `gpt2` is made of.
+
+    encoder.json writes each token's bytes in GPT-2's printable alphabet: a printable byte (space
+    aside) stands for itself, and the others, in order, for characters from chr(256) on. Its ranks
+    follow the merge order of vocab.bpe (tiktoken checks exactly that for this file, whose hash we
+    pin), so the merges themselves are not needed. Older tiktoken versions could only read local
+    files through the optional `blobfile` package; this needs none of that."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    byte_of = {chr(b): b for b in printable}
+    byte_of.update({chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in printable)})
+    with open(encoder_json, encoding="utf-8") as f:
+        encoder = json.load(f)
+    return {bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != EOT_TEXT}
+
+
 @functools.cache
 def get_encoding():
     """tiktoken's `gpt2` encoding, built from local files: the one tokenizer every script uses."""
-    encoder_json, vocab_bpe = bpe_files()
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+    ranks = mergeable_ranks(bpe_files()[0])
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
 

