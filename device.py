@@ -80,16 +80,18 @@ def keep_freed_memory(keep=True):
     one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again
     (measured here: up to 46% of a small model's step). Same as MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=2147483647, but it holds for a user who just types `uv run train.py`.
-    keep=False is for bench_train's baseline, an untuned process: glibc's self-adjusting thresholds,
-    which rise with the buffers a process frees, set to the most they can reach (buffers from 32
-    MiB up mapped fresh each time), so that if anything the baseline is flattered. They are set
-    explicitly because any mallopt call switches that self-adjustment off for good.
+    keep=False is for bench_train's baseline, an untuned process: glibc's defaults at the most their
+    self-adjustment reaches (the thresholds rise with the buffers a process frees, up to 32 MiB
+    mapped fresh each time), so that if anything the baseline is flattered. They are set explicitly
+    because setting the trim or mmap thresholds, as keep=True does, stops that self-adjustment.
     """
     if platform.system() != "Linux":
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-    settings = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1} if keep else \
-        {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
+    if keep:
+        settings = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
+    else:
+        settings = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
     try:
         libc = ctypes.CDLL("libc.so.6")
         return all([bool(libc.mallopt(option, value)) for option, value in settings.items()])

@@ -20,7 +20,7 @@ import torch
 import device
 import hellaswag
 from bench import report
-from env import cli
+from env import UserError, cli
 from model import GPT, GPTConfig
 
 CONFIGS = {  # block 1024: HellaSwag contexts can be long
@@ -39,7 +39,9 @@ def matmul_gflop_per_example(rows, config):
     """The work each way does per example, in matmul GFLOP (attention aside). One example per
     forward runs four rows of context + longest ending through every layer and the vocabulary
     projection; the packed rows run each context once and project only the positions that predict
-    an ending token (the context's last, and each ending's own but its last)."""
+    an ending token (the context's last, and each ending's own but its last). The count pads each
+    packed row to ROW_WIDTH and projects onto the whole 50,304 vocabulary: on HellaSwag's rows,
+    within a fraction of a percent of what hellaswag.evaluate does."""
     layer = 2 * 12 * config.n_layer * config.n_embd**2  # per token: attention and MLP weights
     head = 2 * config.n_embd * config.vocab_size
     encoded = {i: hellaswag.encode_example(row, block_size=config.block_size) for i, row in enumerate(rows)}
@@ -47,7 +49,8 @@ def matmul_gflop_per_example(rows, config):
     packed_tokens = sum(max(hellaswag.ROW_WIDTH, sum(hellaswag._length(encoded[i]) for i in row))
                         for row in hellaswag._fill_rows(encoded, hellaswag.ROW_WIDTH))
     scored = sum(1 + sum(len(x) - 1 for x in e.endings) for e in encoded.values())
-    return one / len(rows) / 1e9, (packed_tokens * layer + scored * head) / len(rows) / 1e9
+    return {"one example per forward": one / len(rows) / 1e9,
+            "batched": (packed_tokens * layer + scored * head) / len(rows) / 1e9}
 
 
 def examples_per_s(run, rows, runtime):
@@ -73,7 +76,7 @@ def main():
         parser.error(f"unknown configuration {unknown[0]!r}: choose from {', '.join(CONFIGS)}")
     if not os.environ.get("HELLASWAG_PATH"):
         if not SHARED_ROWS.is_file():
-            raise SystemExit(f"no HellaSwag rows at {SHARED_ROWS}: set HELLASWAG_PATH to a hellaswag_val.jsonl")
+            raise UserError(f"no HellaSwag rows at {SHARED_ROWS}: set HELLASWAG_PATH to a hellaswag_val.jsonl")
         os.environ["HELLASWAG_PATH"] = str(SHARED_ROWS)
     everything = hellaswag.load_examples()
     rows = everything[::max(1, len(everything) // args.rows)][:args.rows]
@@ -105,7 +108,7 @@ def main():
         figures[name] = {side: report.spread(v) for side, v in speeds.items()}
         figures[name]["ratio"] = report.spread(ratios)
         figures[name][f"{runtime.dtype_name}_agreement_with_fp32"] = agreement
-        work = dict(zip(sides, matmul_gflop_per_example(rows, CONFIGS[name])))
+        work = matmul_gflop_per_example(rows, CONFIGS[name])
         figures[name]["matmul_gflop_per_example"] = work
         for side in sides:
             f = figures[name][side]

@@ -10,7 +10,8 @@ baseline, a build-nanogpt-style loop on the same model (see BuildNanogptStep). T
 take turns, and so do the two sides, in the opposite order every other repeat, so machine noise
 hits all alike; "speed-up" is the ratio of each repeat's pair. MFU is against the device's matmul
 peak in the training precision, measured between the repeats of this same run (bench_matmul_peak's
-recorded figure is shown beside it); on a GPU, against PEAK_TFLOPS or the data sheet, as train.py.
+recorded figure is shown beside it); against PEAK_TFLOPS when set, and on a GPU otherwise its
+data-sheet bf16 peak, as train.py. On CUDA "float32" means TF32 matmuls, as device.setup() sets.
 
 --parity trains the tiny configuration 100 updates on the demo corpus in float32 and in the default
 precision from the same initial weights and batches, and reports the mean loss of updates 91-100 of
@@ -77,7 +78,8 @@ class Setup:
 class BuildNanogptStep:
     """The baseline: build-nanogpt's update as it runs on this device. The same model and autocast
     precision, but the full (tokens x 50,304) logits and F.cross_entropy on them, AdamW fused only on
-    CUDA, the token stream as one torch tensor, and on the CPU glibc's self-adjusting allocator."""
+    CUDA, the token stream as one torch tensor, and on the CPU glibc's allocator as an untuned process
+    has it (device.keep_freed_memory(keep=False))."""
 
     keeps_freed_memory = False
 
@@ -141,7 +143,7 @@ def speed(args, runtime):
                 for side in list(sides) if repeat % 2 == 0 else list(sides)[::-1]:
                     runs[name, side].append(timed_tokens_per_s(setups[name, side], args.steps, runtime))
         device.keep_freed_memory()
-    # GPUs: PEAK_TFLOPS or the data-sheet peak, as train.py; CPUs: the best matmul rate of this run
+    # PEAK_TFLOPS, else a GPU's data-sheet bf16 peak (as train.py), else the best matmul rate of this run
     peak = train.peak_flops(train.TrainConfig(peak_tflops=env_float("PEAK_TFLOPS", 0.0)), runtime) or max(peaks)
     figures = {}
     for name in args.configs:
@@ -158,7 +160,7 @@ def speed(args, runtime):
           f"{torch.get_num_threads()} threads, batch {args.batch_size}x{args.seq_length}, "
           f"{args.repeats} repeats of {args.steps} steps")
     recorded = report.read_peak(runtime.device, dtype)
-    print(f"MFU against a {dtype} peak of {peak / 1e9:,.0f} GFLOP/s; the best 2048x2048 {dtype} matmul during this run: "
+    print(f"MFU against a peak of {peak / 1e9:,.0f} GFLOP/s; the best 2048x2048 {dtype} matmul during this run: "
           f"{max(peaks) / 1e9:,.0f}" + (f"; bench_matmul_peak recorded {recorded / 1e9:,.0f}" if recorded else ""))
     headers = ["config", "tok/s min", "median", "max", "MFU % min", "median", "max"]
     if args.baseline:
@@ -175,7 +177,7 @@ def speed(args, runtime):
     report.table(headers, rows)
     if args.baseline:
         print("baseline: build-nanogpt-style step (full logits + F.cross_entropy, AdamW fused only on CUDA, "
-              "glibc's self-adjusting allocator)")
+              "glibc's allocator untuned)")
     config = {**vars(args), "dtype": dtype, "compile": use_compile, "peak_flops": peak, "peak_runs": report.spread(peaks)}
     report.save("train", figures, config, runtime.device)
 
@@ -186,7 +188,7 @@ def profile(args, runtime):
     from torch.profiler import profile as profiler
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device_type == "cuda" else [])
-    sort_by = "self_cuda_time_total" if runtime.device_type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if runtime.device_type == "cuda" else "self_cpu_time_total"
     with tempfile.TemporaryDirectory() as dataset_path:
         random_token_dataset(dataset_path)
         for name in args.configs:
