@@ -1,9 +1,13 @@
-"""Reading configuration from environment variables, and turning user mistakes into one clear line.
+"""Reading settings from environment variables, and turning user mistakes into one clear line.
 
-Every script reads its settings through these helpers, so `N_LAYER=abc` fails the same way
-everywhere: one line that names the variable, exit code 1, no traceback.
+settings.py lists every setting as a dataclass field; `read()` fills such a dataclass from the
+environment, so `N_LAYER=abc` fails the same way everywhere: one line that names the variable,
+exit code 1, no traceback. `cli` wraps every script's main() to print those lines, and warns once
+about a set variable that looks like a misspelled setting (`MAX_STEP=100` would be ignored).
 """
 
+import argparse
+import dataclasses
 import functools
 import os
 import sys
@@ -11,6 +15,12 @@ import sys
 
 class UserError(Exception):
     """A problem the user can fix (a bad setting, a missing file): printed as one line, exit 1."""
+
+
+def reason(error):
+    """The first line of an exception's message (its type's name if it has none), for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _raw(name):
@@ -63,25 +73,66 @@ def env_float(name, default, minimum=0.0):
     return number
 
 
+ON_WORDS = ("1", "true", "yes", "on")
+OFF_WORDS = ("0", "false", "no", "off")
+
+
+def on_off(value):
+    """True, False, or None when `value` is no yes/no word: the one parser of on/off flags."""
+    lowered = value.strip().lower()
+    return True if lowered in ON_WORDS else False if lowered in OFF_WORDS else None
+
+
 def env_flag(name, default=False):
-    """A yes/no setting: 1/true/yes/on or 0/false/no/off."""
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off; anything else is a UserError."""
     value = _raw(name)
     if value is None:
         return default
-    lowered = value.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise UserError(f"{name} must be 0 or 1, got {value!r}")
+    if on_off(value) is None:
+        raise UserError(f"{name} must be 0 or 1, got {value!r}")
+    return on_off(value)
+
+
+def setting(default, minimum=None):
+    """A settings field whose smallest allowed value is not the usual one (1 for int, 0 for float)."""
+    return dataclasses.field(default=default, metadata={"minimum": minimum})
+
+
+READERS = {int: env_int, float: env_float, str: env_str, bool: env_flag}
+
+
+def read(cls, only=None):
+    """The settings dataclass `cls`, each field read from the variable of its name in capitals
+    (only the fields named in `only`, when given: the others keep their defaults)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if only is not None and field.name not in only:
+            continue
+        reader = READERS[field.type]
+        if "minimum" in field.metadata:
+            values[field.name] = reader(field.name.upper(), field.default, minimum=field.metadata["minimum"])
+        else:
+            values[field.name] = reader(field.name.upper(), field.default)
+    return cls(**values)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one `Error: ...` line and exit 1 like every other mistake."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
 
 
 def cli(main):
-    """Decorate a script's main(): UserError becomes one line on stderr and exit code 1."""
+    """Decorate a script's main(): warn about misspelled settings first; a UserError becomes one
+    line on stderr and exit code 1, Ctrl-C exit code 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
+            import settings  # here, not at the top: settings.py reads its variables through this module
+
+            settings.warn_misspelled()
             return main(*args, **kwargs)
         except UserError as error:
             print(f"Error: {error}", file=sys.stderr, flush=True)
