@@ -27,7 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 import hub
-from env import UserError, cli, env_flag, env_int, env_str
+from atomic import atomic_write
+from documents import qa_document
+from env import UserError, cli, reason
+from settings import DataConfig
 from shards import META, read_meta, shard_name, write_meta
 from tokenizer import EOT, get_encoding
 
@@ -36,7 +39,8 @@ VAL_FRACTION = 0.05  # of the documents, for data under two shards
 BATCH_DOCUMENTS = 512  # documents per tokenizer task
 EOT_ARRAY = np.array([EOT], dtype=np.uint32)
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-OUR_FILES = re.compile(r"(train|val)_\d{6}\.npy(\.tmp)?|meta\.json\.tmp")  # what a half-written dataset holds
+# what a half-written dataset holds: shards, and atomic_write's temporaries (NAME.tmpPID)
+OUR_FILES = re.compile(r"(train|val)_\d{6}\.npy(\.tmp\d*)?|meta\.json\.tmp\d*")
 OFFLINE_HINT = ("set HF_DATASET_NAME=demo for the offline demo corpus, or HF_DATASET_NAME to a local file "
                 "(.jsonl, .json, .parquet, .csv, .txt) or a folder saved with datasets' save_to_disk")
 
@@ -46,7 +50,7 @@ OFFLINE_HINT = ("set HF_DATASET_NAME=demo for the offline demo corpus, or HF_DAT
 
 
 def resolve_source(name):
-    """(kind, source) for HF_DATASET_NAME: `demo`, then an existing local path, then a Hub id."""
+    """Return (kind, source) for HF_DATASET_NAME: `demo`, then an existing local path, then a Hub id."""
     if name == "demo":
         return "demo", "demo"
     path = os.path.abspath(os.path.expanduser(name))
@@ -63,7 +67,7 @@ def resolve_source(name):
 
 
 def load_records(kind, source, cache_dir):
-    """The raw records as a `datasets.Dataset`, memory-mapped from Arrow files on disk."""
+    """Load the raw records as a `datasets.Dataset`, memory-mapped from Arrow files on disk."""
     import datasets  # slow to import: only when a dataset is actually built
 
     if kind != "hub":  # local data loads in seconds: our own progress bar and errors suffice
@@ -89,8 +93,8 @@ def load_records(kind, source, cache_dir):
         if kind == "disk":
             return _train_split(datasets.load_from_disk(source), source)
         builder = LOCAL_FORMATS[os.path.splitext(source)[1].lower()]
-        # .txt: one document per paragraph; text and JSON read 1 MB at a time, as datasets' 10 MB
-        # chunks cost about 100 MB more peak memory and no speed
+        # .txt: one document per paragraph; text and JSON read in 1 MB chunks, as datasets' larger
+        # default chunks only raise the peak memory
         options = {"text": {"sample_by": "paragraph", "chunksize": 1 << 20}, "json": {"chunksize": 1 << 20}}
         return datasets.load_dataset(builder, data_files=source, split="train", cache_dir=cache_dir,
                                      **options.get(builder, {}))
@@ -100,14 +104,8 @@ def load_records(kind, source, cache_dir):
         raise UserError(f"cannot read {source}: {reason(error.__cause__ or error)}") from None
 
 
-def reason(error):
-    """The first line of an exception's message, for a one-line error."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _train_split(loaded, source):
-    """A DatasetDict's `train` split (or its only one); a Dataset as it is."""
+    """Return a DatasetDict's `train` split (or its only one), and a Dataset as it is."""
     if not hasattr(loaded, "keys"):
         return loaded
     if "train" in loaded:
@@ -118,8 +116,8 @@ def _train_split(loaded, source):
 
 
 def qa_documents(batch):
-    """natural_reasoning rows -> "Question: ...\\nAnswer: ...", the answer being the first
-    response's text, else the reference answer. Rows with no question or no answer are skipped."""
+    """Turn a batch of natural_reasoning rows into question-and-answer documents, the answer being
+    the first response's text, else the reference answer. Rows with no question or no answer are skipped."""
     n = len(batch["question"])
     responses = batch.get("responses", [None] * n)
     references = batch.get("reference_answer", [None] * n)
@@ -127,17 +125,18 @@ def qa_documents(batch):
     for question, response, reference in zip(batch["question"], responses, references):
         answer = (response[0].get("response") if response else None) or reference
         if question and answer:
-            documents.append(f"Question: {question}\nAnswer: {answer}")
+            documents.append(qa_document(question, answer))
     return documents
 
 
 def text_documents(batch):
-    """The `text` column, skipping empty documents (a blank-only paragraph, a null)."""
+    """Return the `text` column's documents, skipping empty ones (a blank-only paragraph, a null)."""
     return [text for text in batch["text"] if text and not text.isspace()]
 
 
 def documents_reader(records, source):
-    """(columns to read, batch -> documents) for these records, or a UserError naming the columns."""
+    """Return (columns to read, batch -> documents) for these records; raise a UserError naming
+    the columns when they hold neither natural_reasoning's rows nor a `text` column."""
     features = records.features
     columns = set(features)
     if "question" in columns and columns & {"responses", "reference_answer"}:
@@ -160,7 +159,7 @@ def documents_reader(records, source):
 
 
 def tokenize(texts):
-    """One batch of documents -> uint16 tokens, each document preceded by <|endoftext|>.
+    """Tokenize one batch of documents into uint16 tokens, each document preceded by <|endoftext|>.
 
     encode_to_numpy with no special token allowed gives exactly encode_ordinary's tokens (a
     literal "<|endoftext|>" in a document is text, so EOT appears only as the separator and
@@ -177,6 +176,7 @@ def tokenize(texts):
 
 
 def default_threads():
+    """Return how many CPUs this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -202,7 +202,7 @@ def tokenized_batches(text_batches, threads=None):
 
 class SplitWriter:
     """Cuts one split's token stream into shards of exactly shard_size tokens (the last shorter),
-    through one shard-sized buffer; each shard goes to a temporary name first, then is renamed."""
+    through one shard-sized buffer; each shard is written whole or not at all (atomic_write)."""
 
     def __init__(self, folder, split, shard_size):
         self.folder, self.split = folder, split
@@ -228,15 +228,14 @@ class SplitWriter:
     def _write(self):
         name = shard_name(self.split, len(self.shards))
         path = os.path.join(self.folder, name)
-        with open(path + ".tmp", "wb") as f:
+        with atomic_write(path) as f:
             np.save(f, self.buffer[:self.fill])
-        os.replace(path + ".tmp", path)
         self.shards.append(name)
         self.fill = 0
 
 
 def split_at_document(tokens, documents):
-    """(the first `documents` documents, the rest) of a token array."""
+    """Split a token array into its first `documents` documents and the rest."""
     starts = np.flatnonzero(tokens == EOT)
     cut = starts[documents] if documents < len(starts) else len(tokens)
     return tokens[:cut], tokens[cut:]
@@ -281,9 +280,9 @@ def write_shards(token_batches, folder, shard_size, progress=None):
 
 
 def shuffled_batches(records, batch_size, seed):
-    """Batches of records in the order datasets' shuffle(seed) gives, read straight from the
+    """Yield batches of records in the order datasets' shuffle(seed) gives, read straight from the
     memory-mapped Arrow files. The order is a permutation of 4 bytes a record, where shuffle()
-    builds an index table of about 45 bytes a record in memory: the peak that grew with the data."""
+    would build a much larger index table in memory: the peak that grew with the data."""
     order = np.arange(len(records), dtype=np.uint32 if len(records) < 2**32 else np.uint64)
     np.random.default_rng(seed).shuffle(order)  # the same permutation as default_rng(seed).permutation
     for start in range(0, len(order), batch_size):
@@ -291,8 +290,9 @@ def shuffled_batches(records, batch_size, seed):
 
 
 def check_replaceable(dataset_path):
-    """A folder without meta.json is a half-written dataset, rebuilt from scratch; but only if it
-    holds nothing but our own files, so that a mistyped DATASET_PATH never deletes user data."""
+    """Raise a UserError unless dataset_path may be rebuilt from scratch. A folder without meta.json
+    is a half-written dataset, but it is replaced only if it holds nothing but our own files, so
+    that a mistyped DATASET_PATH never deletes user data."""
     if not os.path.exists(dataset_path):
         return
     if not os.path.isdir(dataset_path):
@@ -361,17 +361,15 @@ def replace(building, dataset_path):
 
 @cli
 def main():
-    source = env_str("HF_DATASET_NAME", "facebook/natural_reasoning")
-    dataset_path = env_str("DATASET_PATH", "natural_reasoning")
-    shard_size = env_int("SHARD_SIZE", 10**8)
-    force = env_flag("FORCE")
+    config = DataConfig.from_env()
     print("Configuration from environment:")
-    print(f"  HF_DATASET_NAME={source} DATASET_PATH={dataset_path} SHARD_SIZE={shard_size:,} FORCE={int(force)}")
-    meta = build(source, dataset_path, shard_size, force)
+    print(f"  HF_DATASET_NAME={config.hf_dataset_name} DATASET_PATH={config.dataset_path} "
+          f"SHARD_SIZE={config.shard_size:,} FORCE={int(config.force)}")
+    meta = build(config.hf_dataset_name, config.dataset_path, config.shard_size, config.force)
     for split in ("train", "val"):
         info = meta["splits"][split]
         print(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens in {len(info['shards'])} shard(s)")
-    print(f"dataset ready at {dataset_path}")
+    print(f"dataset ready at {config.dataset_path}")
 
 
 if __name__ == "__main__":

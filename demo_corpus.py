@@ -1,10 +1,10 @@
-"""The offline demo corpus: templated questions with correct, worked answers.
+"""Generate the offline demo corpus: templated questions with correct, worked answers.
 
 `HF_DATASET_NAME=demo uv run dataset.py` builds a dataset from these rows, so the whole pipeline
 runs with no network. They use natural_reasoning's columns (`question`, `reference_answer`) and so
-become the same `Question: ...\nAnswer: ...` documents. Every row comes from a seeded generator:
-the same corpus on every machine, about 1.5M GPT-2 tokens, small enough to tokenize in seconds and
-regular enough that a 2-layer model visibly learns its formats in a couple of minutes on a CPU.
+become the same question-and-answer documents (documents.qa_document). Every row comes from a
+seeded generator: the same corpus on every machine, small enough to tokenize quickly and regular
+enough that a 2-layer model visibly learns its formats on a CPU.
 """
 
 import random

@@ -6,7 +6,8 @@
 
 import sys
 
-from env import UserError, cli, env_str
+from env import UserError, cli
+from settings import DataConfig
 from shards import SPLITS, load_shard, read_meta, shard_paths
 from tokenizer import decode
 
@@ -17,7 +18,11 @@ PEEK_TOKENS = 1000
 def main():
     if len(sys.argv) > 2:
         raise UserError("usage: uv run peek_dataset.py [DATASET_PATH]")
-    dataset_path = sys.argv[1] if len(sys.argv) > 1 else env_str("PEEK_DATASET_PATH", env_str("DATASET_PATH", "natural_reasoning"))
+    if len(sys.argv) > 1:
+        dataset_path = sys.argv[1]
+    else:
+        config = DataConfig.from_env()
+        dataset_path = config.peek_dataset_path or config.dataset_path
     meta = read_meta(dataset_path)
     first = load_shard(shard_paths(dataset_path, "train", meta)[0])
     print(f"first {min(PEEK_TOKENS, len(first))} tokens of {dataset_path}/{meta['splits']['train']['shards'][0]}, decoded:")

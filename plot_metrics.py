@@ -12,12 +12,14 @@ matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from env import UserError, cli, env_str
+import settings
+from env import UserError, cli, reason
 
 COLUMNS = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"]
 
 
 def read_metrics(path):
+    """Return metrics.csv as a DataFrame; raise a UserError when it is missing, empty or not train.py's."""
     if not os.path.isfile(path):
         raise UserError(f"no metrics at {path}: run train.py first (it writes metrics.csv into LOG_DIR)")
     try:
@@ -25,7 +27,7 @@ def read_metrics(path):
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame()
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not a metrics.csv written by train.py: {str(error).splitlines()[0]}") from None
+        raise UserError(f"{path} is not a metrics.csv written by train.py: {reason(error)}") from None
     if frame.empty:
         raise UserError(f"{path} holds no rows yet: let train.py finish at least one step")
     missing = [name for name in COLUMNS if name not in frame.columns]
@@ -35,6 +37,7 @@ def read_metrics(path):
 
 
 def plot(frame, out_path):
+    """Draw the four panels of these metrics into the image file out_path."""
     fig, ((loss_ax, hellaswag_ax), (lr_ax, speed_ax)) = plt.subplots(2, 2, figsize=(12, 8))
     steps = frame["step"]
 
@@ -81,7 +84,7 @@ def plot(frame, out_path):
 
 @cli
 def main():
-    log_dir = env_str("LOG_DIR", "log")
+    log_dir = settings.shared("log_dir")
     frame = read_metrics(os.path.join(log_dir, "metrics.csv"))
     out_path = os.path.join(log_dir, "training_metrics.png")
     plot(frame, out_path)

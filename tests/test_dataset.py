@@ -1,4 +1,4 @@
-"""dataset.py and peek_dataset.py: documents, shuffling, shards, reuse, and every bad input."""
+"""Test dataset.py and peek_dataset.py: documents, shuffling, shards, reuse, and every bad input."""
 
 import os
 import re
@@ -14,6 +14,7 @@ import dataset
 import demo_corpus
 import hub
 import peek_dataset
+from atomic import temporary_name
 from conftest import expected_document
 from env import UserError
 from shards import load_shard, read_meta, shard_paths
@@ -34,7 +35,8 @@ def documents_of(tokens):
 
 
 def shuffled(records):
-    """datasets' shuffle(seed): records permuted by numpy's default_rng(seed), written out here."""
+    """Return the records in datasets' shuffle(seed) order: permuted by numpy's default_rng(seed),
+    written out here."""
     return [records[i] for i in np.random.default_rng(dataset.SHUFFLE_SEED).permutation(len(records))]
 
 
@@ -43,7 +45,7 @@ def snapshot(folder):
 
 
 def run_main(monkeypatch, capsys, **env):
-    """dataset.main() under these environment variables: (exit code, stdout, stderr)."""
+    """Run dataset.main() under these environment variables; return (exit code, stdout, stderr)."""
     for name in ("HF_DATASET_NAME", "DATASET_PATH", "SHARD_SIZE", "FORCE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -182,6 +184,13 @@ def test_reuse_force_and_interrupted_runs(natural_reasoning_files, tmp_path, cap
     with pytest.raises(UserError, match="other files"):
         dataset.build(source, str(tmp_path / "mine"), 400)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_atomic_write_temporaries_count_as_ours(tmp_path):
+    """A folder left with only atomic_write's temporaries is a half-written dataset: replaceable."""
+    for name in ("train_000000.npy", "val_000000.npy", "meta.json"):
+        Path(temporary_name(tmp_path / name)).write_bytes(b"half written")
+    dataset.check_replaceable(str(tmp_path))
 
 
 def test_bad_inputs_fail_in_one_line_and_keep_the_dataset(natural_reasoning_files, tmp_path, monkeypatch, capsys):

