@@ -1,4 +1,5 @@
-"""The GPT-2 model: one module, read top to bottom.
+"""The GPT-2 model, in one module to read top to bottom: attention, MLP, block and GPT come first,
+then the KV cache that generation uses, and last the chunked loss that makes training faster.
 
 Parameter names follow nanoGPT (`transformer.wte.weight`, `transformer.h.0.attn.c_attn.weight`,
 ..., `lm_head.weight`), so checkpoints interoperate with tools that read nanoGPT's, and the
@@ -7,116 +8,24 @@ architecture is OpenAI's GPT-2 exactly, so Hugging Face's `GPT2LMHeadModel` conv
 
 import inspect
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from env import UserError, env_float, env_int
+from env import UserError, reason
+# the model's shape is a setting like every other, and settings.py lists them all
+from settings import GPTConfig
 
 # GPT-2's real vocabulary: 50,000 BPE merges + 256 bytes + <|endoftext|>. VOCAB_SIZE defaults to
 # 50304 (a multiple of 128, faster matmuls); rows from 50257 up are padding no text ever uses, so
 # everything that samples or scores looks at the first GPT2_VOCAB_SIZE logits only.
 GPT2_VOCAB_SIZE = 50257
 
-# tokens per chunk of the training loss: big enough for fast matmuls, small enough that one chunk's
-# logits stay a modest buffer (CPU: 1024 x 50304 floats, 200 MB)
-LOSS_CHUNK_TOKENS = {"cpu": 1024, "mps": 4096, "cuda": 8192}
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # longest sequence the learned position table covers
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0  # 0 for pretraining; a little helps when fine-tuning
-
-    SHAPE = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-
-    @classmethod
-    def from_env(cls):
-        config = cls(
-            block_size=env_int("BLOCK_SIZE", cls.block_size),
-            vocab_size=env_int("VOCAB_SIZE", cls.vocab_size),
-            n_layer=env_int("N_LAYER", cls.n_layer),
-            n_head=env_int("N_HEAD", cls.n_head),
-            n_embd=env_int("N_EMBD", cls.n_embd),
-            dropout=env_float("DROPOUT", cls.dropout),
-        )
-        if config.n_embd % config.n_head != 0:
-            raise UserError(f"N_EMBD ({config.n_embd}) must be divisible by N_HEAD ({config.n_head})")
-        if config.dropout >= 1:
-            raise UserError(f"DROPOUT must be below 1, got {config.dropout}")
-        return config
-
-    def shape(self):
-        """The five fields that fix the weights' shapes (what a checkpoint records)."""
-        return {name: getattr(self, name) for name in self.SHAPE}
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, so a new token attends to the prefix without
-    recomputing it. Allocated on first use, in the dtype the attention actually produces."""
-
-    def __init__(self, config, batch_size):
-        self.config = config
-        self.batch_size = batch_size
-        self.length = 0  # tokens already stored
-        self.kv = None
-
-    def append(self, layer, k, v):
-        """Store this layer's new keys/values and return all of them so far."""
-        if self.kv is None:
-            n_head, head_dim = k.size(1), k.size(3)
-            shape = (self.config.n_layer, 2, self.batch_size, n_head, self.config.block_size, head_dim)
-            self.kv = torch.empty(shape, dtype=k.dtype, device=k.device)
-        end = self.length + k.size(2)
-        self.kv[layer, 0, :, :, self.length:end] = k
-        self.kv[layer, 1, :, :, self.length:end] = v
-        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """lm_head + mean cross-entropy, LOSS_CHUNK_TOKENS tokens at a time, with the gradients computed
-    during the forward pass (so it is for training: under no_grad that work would be wasted). The
-    (tokens x vocabulary) logits, 400 MB for 2,048 tokens of GPT-2, never exist in full: on small
-    models their memory traffic, not the matmuls, is what costs the time. One difference from
-    F.cross_entropy: a token's loss stops at 87 nats, where its probability leaves float32's normal
-    range (only a diverging run has such logit gaps); the gradients are exact."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
-        # under autocast the matmuls run in the low precision, the softmax always in float32
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(dtype)
-            grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
-            # accumulated over the chunks in float32; (vocab, n_embd) like the weight, so that neither
-            # this sum nor autograd's (the weight is tied to wte) walks a transposed matrix
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
-            loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            for start in range(0, h.size(0), chunk_size):
-                hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
-                probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
-                loss -= probs.gather(1, tc).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
-                # d(loss sum)/d(logits) = softmax - one_hot; the 1/n of the mean is applied in backward
-                grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
-                grad_h[start:start + chunk_size] = grad @ w
-                grad_w += grad.t() @ hc
-            ctx.save_for_backward(grad_h, grad_w)
-        return loss / h.size(0)
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = grad_loss / grad_h.size(0)
-        return grad_h * scale, grad_w * scale, None, None
-
 
 class CausalSelfAttention(nn.Module):
+    """Each of n_head heads lets every token attend to itself and the tokens before it."""
+
     def __init__(self, config, layer):
         super().__init__()
         self.layer = layer
@@ -129,25 +38,29 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, attn_mask=None, cache=None):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # (B, T, C) -> (B, n_head, T, head_dim): every head attends independently
+        B, T, C = x.size()  # batch size, sequence length, embedding width (n_embd)
+        qkv = self.c_attn(x)  # (B, T, 3 * C)
+        q, k, v = qkv.split(self.n_embd, dim=2)  # each (B, T, C)
+        # every head attends independently: (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.append(self.layer, k, v)
+            k, v = cache.append(self.layer, k, v)  # (B, n_head, past + T, head_dim)
         if attn_mask is None and past > 0 and T > 1:
             # new tokens see the whole cached prefix and, among themselves, only earlier ones
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         is_causal = attn_mask is None and past == 0 and T > 1
         dropout = self.dropout if self.training else 0.0
+        # (B, n_head, T, head_dim): for each token, the values it attends to, weighted
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
+    """Each token on its own goes through a hidden layer four times as wide as the model."""
+
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
@@ -161,7 +74,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: the residual stream itself is never normalised."""
+    """Attention and then the MLP each read a LayerNorm of the residual stream and add their output
+    back to it (pre-LayerNorm, as in GPT-2), so the residual stream itself is never normalised."""
 
     def __init__(self, config, layer):
         super().__init__()
@@ -176,6 +90,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2 adds token and position embeddings, runs n_layer blocks and a final LayerNorm, and
+    projects back onto the vocabulary with the token embedding's own matrix."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -204,12 +121,12 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx, pos=None, attn_mask=None, cache=None):
-        """The final hidden states (after ln_f), before the vocabulary projection.
+        """Return the final hidden states (B, T, n_embd), after ln_f and before the vocabulary projection.
 
-        pos: position ids (B, T), default 0..T-1 after whatever `cache` already holds. With explicit
-            positions a row may be longer than block_size (HellaSwag packs four endings side by side).
-        attn_mask: boolean (B, 1, T, T), True where a token may attend; default causal.
-        cache: a KVCache that this call extends (generation).
+        `pos` holds the position ids (B, T); they default to 0..T-1 after whatever `cache` already
+        holds. With explicit positions a row may be longer than block_size (HellaSwag packs four
+        endings side by side). `attn_mask` is boolean (B, 1, T, T), True where a token may attend,
+        and causal by default. `cache` is a KVCache that this call extends (generation).
         """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
@@ -225,15 +142,15 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, return_logits=True):
-        """Logits (B, T, vocab_size) for every position, and the mean cross-entropy if targets given.
+        """Return the logits (B, T, vocab_size) at every position and, when targets (B, T) are given,
+        their mean cross-entropy (else None).
 
-        Training passes return_logits=False: the loss then comes from ChunkedCrossEntropy, which
-        never materialises the logits (returned as None), and it is the same loss."""
+        Training and validation pass return_logits=False: the logits then come back as None, and the
+        same loss comes from chunked_cross_entropy at the bottom of this file."""
         h = self.hidden(idx)
         if targets is not None and not return_logits:
-            chunk = LOSS_CHUNK_TOKENS.get(h.device.type, 8192)
-            loss = ChunkedCrossEntropy.apply(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk)
-            return None, loss
+            # the same loss, faster: the (tokens x vocabulary) logits never exist in full
+            return None, chunked_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
@@ -241,6 +158,7 @@ class GPT(nn.Module):
         return logits, loss
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, verbose=True):
+        """Return AdamW with GPT-2's betas, decaying the matmul weights and embeddings only."""
         params = [p for p in self.parameters() if p.requires_grad]
         # weight decay on matmul weights and embeddings (2-D), never on biases and LayerNorm gains
         decay = [p for p in params if p.dim() >= 2]
@@ -256,11 +174,14 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
     def num_params(self, non_embedding=True):
+        """Return the number of parameters; non_embedding leaves out the position table (the token
+        table stays in, since it is also the output projection), as nanoGPT counts."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len):
-        """Forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls plus attention."""
+        """Return the forward + backward FLOPs per token (PaLM appendix B): 6N for the matmuls plus
+        attention's."""
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
 
@@ -270,7 +191,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_model):
-        """This model with the weights of a transformers `GPT2LMHeadModel` (vocabulary stays 50257)."""
+        """Return this model with the weights of a transformers `GPT2LMHeadModel`; the vocabulary
+        stays at 50257."""
         hf = hf_model.config
         config = GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size,
                            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd)
@@ -289,8 +211,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
-        """OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from the Hub, or a local
-        directory holding a `GPT2LMHeadModel`."""
+        """Return OpenAI's GPT-2 (`gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`) from the Hub, or
+        the `GPT2LMHeadModel` saved in a local directory."""
         import hub
         from transformers import GPT2LMHeadModel
 
@@ -307,11 +229,12 @@ class GPT(nn.Module):
             else:
                 hf_model = GPT2LMHeadModel.from_pretrained(name_or_dir)
         except (OSError, ValueError) as error:
-            raise UserError(f"cannot load a GPT-2 model from {name_or_dir!r}: {str(error).splitlines()[0]}") from None
+            raise UserError(f"cannot load a GPT-2 model from {name_or_dir!r}: {reason(error)}") from None
         return cls.from_hf(hf_model)
 
     def to_hf(self):
-        """A transformers `GPT2LMHeadModel` with these weights; a padded vocabulary is cropped to 50257."""
+        """Return a transformers `GPT2LMHeadModel` with these weights; a padded vocabulary is cropped
+        to 50257."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
@@ -335,3 +258,97 @@ class GPT(nn.Module):
         hf_model.tie_weights()
         return hf_model.eval()
 
+
+class KVCache:
+    """Generation keeps the keys and values of the tokens seen so far here, so that a new token
+    attends to the prefix without recomputing it. The buffer is allocated on first use, in the dtype
+    the attention actually produces."""
+
+    def __init__(self, config, batch_size):
+        self.config = config
+        self.batch_size = batch_size
+        self.length = 0  # tokens already stored
+        self.kv = None
+
+    def append(self, layer, k, v):
+        """Store this layer's new keys and values (B, n_head, T, head_dim), and return all of them so far."""
+        if self.kv is None:
+            n_head, head_dim = k.size(1), k.size(3)
+            shape = (self.config.n_layer, 2, self.batch_size, n_head, self.config.block_size, head_dim)
+            self.kv = torch.empty(shape, dtype=k.dtype, device=k.device)
+        end = self.length + k.size(2)
+        self.kv[layer, 0, :, :, self.length:end] = k
+        self.kv[layer, 1, :, :, self.length:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+
+# ----- The training loss's speed trick ---------------------------------------------------------
+# On small models the memory traffic of the (tokens x vocabulary) logits, not the matmuls, is what
+# costs the time, so the loss goes through lm_head a chunk of tokens at a time and never holds them
+# in full. It is F.cross_entropy's loss, except that a token's loss stops at 87 nats (-log of
+# float32's smallest normal number), where its probability leaves float32's normal range: only a
+# diverging run has such logit gaps.
+
+# tokens per chunk: big enough for fast matmuls, small enough that one chunk's float32 logits
+# (chunk x vocab_size) stay a modest buffer
+LOSS_CHUNK_TOKENS = {"cpu": 1024, "mps": 4096, "cuda": 8192}
+
+
+def chunked_cross_entropy(h, weight, targets):
+    """Return the mean cross-entropy of the logits h @ weight.T, hidden states h (tokens, n_embd)
+    against targets (tokens,), going LOSS_CHUNK_TOKENS tokens at a time.
+
+    When gradients are wanted, ChunkedCrossEntropy computes them during the same pass; under
+    torch.no_grad (validation) only the loss is computed."""
+    chunk_size = LOSS_CHUNK_TOKENS.get(h.device.type, 8192)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return ChunkedCrossEntropy.apply(h, weight, targets, chunk_size)
+    loss_sum, _, _ = cross_entropy_sum(h, weight, targets, chunk_size, gradients=False)
+    return loss_sum / h.size(0)
+
+
+def cross_entropy_sum(h, weight, targets, chunk_size, gradients):
+    """Return the summed cross-entropy of h @ weight.T against targets, chunk_size tokens at a time,
+    and with `gradients` that sum's gradients with respect to h and weight (else None and None).
+
+    Both the training and the validation loss come from this one loop, so they cannot drift apart."""
+    # under autocast the matmuls run in the low precision, the softmax always in float32
+    dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    grad_h = grad_w = None
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        if gradients:
+            grad_h = torch.empty(h.shape, dtype=dtype, device=h.device)
+            # accumulated over the chunks in float32; (vocab, n_embd) like the weight, so that neither
+            # this sum nor autograd's (the weight is tied to wte) walks a transposed matrix
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        for start in range(0, h.size(0), chunk_size):
+            hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
+            probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
+            loss -= probs.gather(1, tc).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+            if gradients:
+                # d(loss sum)/d(logits) = softmax - one_hot
+                grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
+                grad_h[start:start + chunk_size] = grad @ w
+                grad_w += grad.t() @ hc
+    return loss, grad_h, grad_w
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Autograd computes the mean cross-entropy of h @ weight.T through here: the gradients are
+    computed during the forward pass, while each chunk's softmax is at hand, and backward only
+    scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        loss_sum, grad_h, grad_w = cross_entropy_sum(h, weight, targets, chunk_size, gradients=True)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss_sum / h.size(0)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        # the 1/n of the mean is applied here, together with the incoming gradient
+        scale = grad_loss / grad_h.size(0)
+        return grad_h * scale, grad_w * scale, None, None

@@ -1,4 +1,4 @@
-"""GPT-2 architecture against Hugging Face's reference implementation, and basic learning."""
+"""These tests check GPT-2 against Hugging Face's reference implementation, its losses, and that it learns."""
 
 import math
 
@@ -152,3 +152,32 @@ def test_chunked_loss_stays_finite_when_the_target_probability_underflows():
     F.cross_entropy(h_ref @ weight_ref.t(), targets).backward()
     torch.testing.assert_close(h.grad, h_ref.grad)
     torch.testing.assert_close(weight.grad, weight_ref.grad)
+
+
+def test_training_and_validation_losses_equal_cross_entropy_on_full_logits(monkeypatch):
+    """The chunked loss with gradients (training), without them (validation) and model(x, y) are all
+    F.cross_entropy on the full logits; the validation path neither computes gradients nor builds a graph."""
+    computes_gradients = []
+    loop = model_module.cross_entropy_sum
+
+    def recording_loop(*args, gradients):
+        computes_gradients.append(gradients)
+        return loop(*args, gradients=gradients)
+
+    monkeypatch.setattr(model_module, "cross_entropy_sum", recording_loop)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    idx = torch.randint(0, 50257, (3, 40))
+    targets = torch.randint(0, 50257, (3, 40))
+    with torch.no_grad():
+        logits = model.lm_head(model.hidden(idx))
+        reference = F.cross_entropy(logits.view(-1, 50304), targets.view(-1))
+    _, training = model(idx, targets, return_logits=False)
+    with torch.no_grad():
+        _, validation = model(idx, targets, return_logits=False)
+    _, plain = model(idx, targets)
+    for loss in (training, validation, plain):
+        torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
+    assert training.requires_grad and training.grad_fn is not None
+    assert not validation.requires_grad and validation.grad_fn is None
+    assert computes_gradients == [True, False]
