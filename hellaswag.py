@@ -1,4 +1,4 @@
-"""HellaSwag: download the validation set, render examples, score them in batches.
+"""Download HellaSwag's validation set, tokenise its examples and score a model on them in batches.
 
 HellaSwag (Zellers et al. 2019) gives a context and four endings; the model should find the right
 one more likely. As in build-nanogpt, each ending is scored by the negative log-likelihood (NLL) of
@@ -13,11 +13,11 @@ context and its own earlier tokens only. Examples are packed whole into rows of 
 (several short ones share a row, masked from each other), so there is almost no padding; many rows
 go through one forward pass, and the vocabulary projection runs only where an ending token is
 predicted. Only the first GPT2_VOCAB_SIZE logits enter the softmax (the padding rows of
-VOCAB_SIZE=50304 are no text), in the batched path and in the one-example reference alike.
+VOCAB_SIZE=50304 are no text), in the batched path and in the one-example reference
+(bench/build_nanogpt.py) alike.
 """
 
 import bisect
-import contextlib
 import json
 import os
 import re
@@ -28,9 +28,11 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
+import atomic
 import hub
-from env import UserError, env_str
+from env import UserError, reason
 from model import GPT2_VOCAB_SIZE
+from settings import HellaSwagFiles
 from tokenizer import EOT, encode
 
 HF_DATASET = "Rowan/hellaswag"
@@ -48,57 +50,54 @@ class HellaSwagUnavailable(UserError):
 
 # ----- the data ----------------------------------------------------------------------------------
 
-def _download_from_hub(tmp):
+def _download_from_hub(f):
+    """Write the Hub's validation rows into the binary file `f`, in the original file's format."""
     from datasets import load_dataset  # heavy, and only needed this once
 
     rows = load_dataset(HF_DATASET, split="validation")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in tqdm(rows, desc=f"writing {FILENAME}", unit=" rows"):
-            row = {key: row[key] for key in FIELDS if key in row}
-            row["label"] = int(row["label"])  # a string on the Hub, an int in the original file
-            f.write(json.dumps(row) + "\n")
+    for row in tqdm(rows, desc=f"writing {FILENAME}", unit=" rows"):
+        row = {key: row[key] for key in FIELDS if key in row}
+        row["label"] = int(row["label"])  # a string on the Hub, an int in the original file
+        f.write((json.dumps(row) + "\n").encode("utf-8"))
 
 
-def _download_from_github(tmp):
+def _download_from_github(f):
+    """Write the original file, from the GitHub URL build-nanogpt used, into the binary file `f`."""
     import requests
 
     with requests.get(GITHUB_URL, stream=True, timeout=30) as response:
         response.raise_for_status()
         total = int(response.headers.get("content-length", 0))
-        with open(tmp, "wb") as f, tqdm(total=total, unit="iB", unit_scale=True, desc=f"downloading {FILENAME}") as bar:
+        with tqdm(total=total, unit="iB", unit_scale=True, desc=f"downloading {FILENAME}") as bar:
             for chunk in response.iter_content(chunk_size=1 << 16):
                 bar.update(f.write(chunk))
 
 
 def download(path):
     """Fetch the validation split into `path`: from the Hugging Face Hub, else the old GitHub URL.
-    Written to a temporary name and renamed, so an interrupted download never looks complete."""
+    Each try writes through atomic_write, so an interrupted download never looks complete."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     failures = []
-    for name, url, fetch in (("huggingface.co", hub.HUB_URL, _download_from_hub),
+    for name, url, fetch in (("huggingface.co", hub.endpoint(), _download_from_hub),
                              ("raw.githubusercontent.com", GITHUB_URL, _download_from_github)):
         if not hub.reachable(url):
             failures.append(f"{name} unreachable")
             continue
         print(f"downloading HellaSwag validation set from {name} to {path}")
         try:
-            fetch(tmp)
-            os.replace(tmp, path)
+            with atomic.atomic_write(path) as f:
+                fetch(f)
             return
         except Exception as error:  # any failure of one source means: try the next one
-            text = str(error).strip()
-            failures.append(f"{name}: {text.splitlines()[0] if text else type(error).__name__}")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            failures.append(f"{name}: {reason(error)}")
     raise HellaSwagUnavailable(
         f"no HellaSwag validation data at {path} and no download worked ({'; '.join(failures)}). "
         f"Copy the original {FILENAME} (10,042 rows) there, or set HELLASWAG_PATH=/path/to/{FILENAME}")
 
 
 def _check_row(row):
-    """The row with label as int and a split type, or a string saying what is wrong with it."""
+    """Return the row with its label as an int and a split type, or a string that says what is
+    wrong with it."""
     if not isinstance(row, dict):
         return "not a JSON object"
     if not isinstance(row.get("ctx"), str):
@@ -117,8 +116,8 @@ def _check_row(row):
 
 
 def read_rows(path, limit=0):
-    """The rows of a HellaSwag jsonl file (the first `limit` when limit > 0); a bad line is reported
-    by its number."""
+    """Return the rows of a HellaSwag jsonl file (the first `limit` when limit > 0); a bad line is
+    reported by its number."""
     rows = []
     try:
         with open(path, encoding="utf-8") as f:
@@ -142,34 +141,37 @@ def read_rows(path, limit=0):
 
 
 def data_path():
-    """HELLASWAG_PATH when set, else $HELLASWAG_DIR/hellaswag_val.jsonl, downloaded if missing."""
-    path = env_str("HELLASWAG_PATH", None)
-    if path:
-        if not os.path.isfile(path):
-            raise HellaSwagUnavailable(f"HELLASWAG_PATH={path} is not a file")
-        return path
-    path = os.path.join(env_str("HELLASWAG_DIR", "hellaswag"), FILENAME)
+    """Return HELLASWAG_PATH when it is set, else $HELLASWAG_DIR/hellaswag_val.jsonl, downloaded
+    first if it is missing."""
+    files = HellaSwagFiles.from_env()
+    if files.hellaswag_path:
+        if not os.path.isfile(files.hellaswag_path):
+            raise HellaSwagUnavailable(f"HELLASWAG_PATH={files.hellaswag_path} is not a file")
+        return files.hellaswag_path
+    path = os.path.join(files.hellaswag_dir, FILENAME)
     if not os.path.isfile(path):
         download(path)
     return path
 
 
 def load_examples(limit=0):
-    """The validation rows (the first `limit` when limit > 0), downloading them once if needed."""
+    """Return the validation rows (the first `limit` when limit > 0), downloading them once if needed."""
     return read_rows(data_path(), limit)
 
 
-# ----- rendering ---------------------------------------------------------------------------------
+# ----- tokenising --------------------------------------------------------------------------------
 
 def _lm_eval_clean(text):
-    """lm-evaluation-harness's cleanup: the brackets are artifacts of HellaSwag's wikiHow rows."""
+    """Clean `text` as lm-evaluation-harness does: the bracketed tags are artifacts of HellaSwag's
+    wikiHow rows."""
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
     return text.replace("  ", " ")
 
 
 def texts(example, variant="nanogpt"):
-    """The context and the four endings as the variant scores them (ending without its space)."""
+    """Return the context and the four endings as the variant scores them (each ending without its
+    leading space)."""
     if variant == "nanogpt":
         return example["ctx"], example["endings"]
     if "ctx_a" in example and "ctx_b" in example:
@@ -186,8 +188,9 @@ Encoded = namedtuple("Encoded", "context endings label norm")
 
 
 def encode_example(example, variant="nanogpt", block_size=None):
-    """Token ids of an example. nanogpt: context and " " + ending tokenised apart (build-nanogpt).
-    lm-eval: the ending's ids are those of context + " " + ending after the context's ids.
+    """Return the token ids of an example. nanogpt tokenises the context and " " + ending apart
+    (as build-nanogpt does); lm-eval tokenises context + " " + ending whole and keeps as the
+    ending's ids those after the context's.
 
     Where a model's block_size is too short, context tokens are dropped from the left (then, in the
     extreme, ending tokens from the right) until every ending fits; at 1024 no HellaSwag row is cut.
@@ -212,54 +215,19 @@ def encode_example(example, variant="nanogpt", block_size=None):
     return Encoded(context, endings, example["label"], norm)
 
 
-def render_example(example, variant="nanogpt", block_size=None):
-    """build-nanogpt's rendering: tokens (4, T) holding context + ending per row (right-padded with
-    0), mask (4, T) with 1 over the ending tokens, and the label."""
-    return _render(encode_example(example, variant, block_size))
-
-
-def _render(enc):
-    width = max(len(enc.context) + len(ending) for ending in enc.endings)
-    tokens = torch.zeros(4, width, dtype=torch.long)
-    mask = torch.zeros(4, width, dtype=torch.long)
-    for i, ending in enumerate(enc.endings):
-        row = enc.context + ending
-        tokens[i, :len(row)] = torch.tensor(row)
-        mask[i, len(enc.context):len(row)] = 1
-    return tokens, mask, enc.label
-
-
 # ----- scoring -----------------------------------------------------------------------------------
 
-@torch.no_grad()
-def reference_scores(model, example, variant="nanogpt", runtime=None):
-    """One example per forward pass, exactly the build-nanogpt way: four padded rows, logits at
-    every position (the model under `runtime`'s autocast, the cross-entropy outside it). Returns
-    the summed NLL of each ending (4,) and what acc_norm divides it by (4,). The batched
-    `evaluate` must agree with it; tests and bench/bench_hellaswag.py use it."""
-    device = next(model.parameters()).device
-    enc = encode_example(example, variant, model.config.block_size)
-    tokens, mask, _ = _render(enc)
-    tokens, mask = tokens.to(device), mask.to(device)
-    with runtime.autocast() if runtime else contextlib.nullcontext():
-        logits, _ = model(tokens)
-    shift_logits = logits[:, :-1, :GPT2_VOCAB_SIZE].contiguous()
-    losses = F.cross_entropy(shift_logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(4, -1)
-    sum_nll = (losses * mask[:, 1:]).sum(dim=1)
-    return sum_nll.cpu().double(), torch.tensor(enc.norm, dtype=torch.float64)
-
-
 def _length(enc):
-    """Tokens an example takes in a packed row: the context, then each ending but its last token
-    (the last is only ever a target)."""
+    """Count the tokens an example takes in a packed row: the context, then each ending but its
+    last token (the last is only ever a target)."""
     return len(enc.context) + sum(len(ending) - 1 for ending in enc.endings)
 
 
 def _fill_rows(encoded, width):
-    """Best-fit decreasing: the longest examples first, each into the row with the least room
-    left that still holds it (an example longer than `width` gets a row its own length). Rows
-    come out nearly full whatever the lengths: almost no padding. Wider rows would pack tighter
-    but cost more attention, which a row computes over its whole width."""
+    """Pack the examples into rows by best-fit decreasing: the longest first, each into the row
+    with the least room left that still holds it (an example longer than `width` gets a row its
+    own length). Rows come out nearly full whatever the lengths: almost no padding. Wider rows
+    would pack tighter but cost more attention, which a row computes over its whole width."""
     rows, rooms = [], []  # rooms: sorted (room left, row number)
     for i in sorted(encoded, key=lambda i: -_length(encoded[i])):
         n = _length(encoded[i])
@@ -275,16 +243,17 @@ def _fill_rows(encoded, width):
 
 
 def _pack(rows, device):
-    """The inputs of one forward pass. Each example sits in a row as its context followed by its
-    four endings, every ending's positions restarting right after the context. Returns ids,
-    positions, the attention mask, and for every ending token to score (in row order) the flat
-    position that predicts it, its id and its owner (4 * example number + ending number)."""
+    """Lay `rows` out as the inputs of one forward pass. Each example sits in a row as its context
+    followed by its four endings, every ending's positions restarting right after the context.
+    Returns ids, positions, the attention mask, and for every ending token to score (in row order)
+    the flat position that predicts it, its id and its owner (4 * example number + ending number),
+    then the number of examples."""
     width = max(sum(_length(enc) for enc in row) for row in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    pos = torch.zeros(len(rows), width, dtype=torch.long)
-    example = torch.full((len(rows), width), -1, dtype=torch.long)  # which example; -1: padding
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # 0 context, 1-4 ending
-    where, target, owner = [], [], []
+    ids = torch.zeros(len(rows), width, dtype=torch.long)  # (rows, width)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)  # (rows, width)
+    example = torch.full((len(rows), width), -1, dtype=torch.long)  # (rows, width) which example; -1: padding
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # (rows, width) 0 context, 1-4 ending
+    where, target, owner = [], [], []  # one entry per ending token to score
     number = 0
     for r, row in enumerate(rows):
         start = 0
@@ -312,40 +281,40 @@ def _pack(rows, device):
             number += 1
     # a token sees the earlier tokens of its example's context and of its own ending; padding
     # sees earlier padding (no row of the mask may be empty)
-    earlier = torch.ones(width, width, dtype=torch.bool).tril()
-    same_example = example[:, None, :] == example[:, :, None]
-    visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
-    mask = (earlier & same_example & visible)[:, None]
+    earlier = torch.ones(width, width, dtype=torch.bool).tril()  # (width, width) query, key
+    same_example = example[:, None, :] == example[:, :, None]  # (rows, width, width)
+    visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (rows, width, width)
+    mask = (earlier & same_example & visible)[:, None]  # (rows, 1, width, width): the same for every head
     to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
     return to(ids), to(pos), to(mask), torch.tensor(where), to(torch.tensor(target)), torch.tensor(owner), number
 
 
 def _score_rows(model, rows, head, chunk):
-    """Summed NLL (examples, 4) of every ending of the examples in `rows`, in row order, from one
-    forward pass."""
+    """Return the summed NLL (examples, 4) of every ending of the examples in `rows`, in row order,
+    from one forward pass."""
     device = head.device
-    ids, pos, mask, where, target, owner, count = _pack(rows, device)
-    hidden = model.hidden(ids, pos=pos, attn_mask=mask).flatten(0, 1)
+    ids, pos, mask, where, target, owner, count = _pack(rows, device)  # where, target, owner: (targets,)
+    hidden = model.hidden(ids, pos=pos, attn_mask=mask).flatten(0, 1)  # (rows * width, n_embd)
     # the context's last position predicts all four first tokens: project each position once
-    needed, slot = torch.unique_consecutive(where, return_inverse=True)
+    needed, slot = torch.unique_consecutive(where, return_inverse=True)  # (positions,), (targets,)
     bounds = torch.searchsorted(slot, torch.arange(0, len(needed) + chunk, chunk)).tolist()
     needed, slot = needed.to(device), slot.to(device)
-    nll = torch.empty(len(target), dtype=torch.float32, device=device)
+    nll = torch.empty(len(target), dtype=torch.float32, device=device)  # (targets,)
     for n, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
-        # chunks keep the (positions, 50257) logits small; never the whole batch's at once
-        logits = F.linear(hidden[needed[n * chunk:(n + 1) * chunk]].to(head.dtype), head)
-        # softmax accumulates in fp32 inside one fused pass, and a probability keeps ~3 significant
-        # digits even in bf16, so on a CPU -log p is within 0.004 of fp32's log-softmax on the same
-        # logits at a sixth of the cost of upcasting them (CUDA autocast runs softmax in fp32);
-        # tiny keeps p = 0 (NLL > 87) finite
-        probs = F.softmax(logits, dim=-1)[slot[lo:hi] - n * chunk, target[lo:hi]]
+        # chunks keep the logits small; never the whole batch's at once
+        logits = F.linear(hidden[needed[n * chunk:(n + 1) * chunk]].to(head.dtype), head)  # (positions, vocab)
+        # softmax accumulates in fp32 inside one fused pass, and a probability keeps bf16's
+        # relative precision, so on a CPU -log p stays close to fp32's log-softmax on the same
+        # logits for far less than the cost of upcasting them (CUDA autocast runs softmax in
+        # fp32); tiny keeps p = 0 finite
+        probs = F.softmax(logits, dim=-1)[slot[lo:hi] - n * chunk, target[lo:hi]]  # (targets,) of this chunk
         nll[lo:hi] = -probs.float().clamp_min(torch.finfo(probs.dtype).tiny).log()
     # summed in float64 on the CPU (MPS has no float64)
     return torch.zeros(4 * count, dtype=torch.float64).index_add_(0, owner, nll.cpu().double()).view(-1, 4)
 
 
 class Result:
-    """Per-example scores and the accuracies derived from them."""
+    """Holds the per-example scores and the accuracies derived from them."""
 
     def __init__(self, labels, sum_nll, norm_nll, variant):
         self.variant = variant
@@ -367,14 +336,16 @@ class Result:
         return self.correct_norm / self.total
 
     def state(self):
-        """Tensors and plain values only, so torch.load(weights_only=True) reads it back."""
+        """Return the result as tensors and plain values only, so torch.load(weights_only=True)
+        reads it back."""
         return {"variant": self.variant, "labels": self.labels, "sum_nll": self.sum_nll, "norm_nll": self.norm_nll,
                 "pred": self.pred, "pred_norm": self.pred_norm, "correct": self.correct,
                 "correct_norm": self.correct_norm, "total": self.total, "acc": self.acc, "acc_norm": self.acc_norm}
 
 
 def default_batch_size(device_type):
-    """Examples per forward pass: enough rows for the matmuls to run near peak."""
+    """Return how many examples go through one forward pass: enough rows for the matmuls to run
+    near peak."""
     return 256 if device_type == "cuda" else 64
 
 
@@ -393,11 +364,11 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
     mine = range(rank, len(examples), world)
     encoded = {i: encode_example(examples[i], variant, block_size) for i in mine}
     rows = _fill_rows(encoded, ROW_WIDTH)  # longest first: rows of similar width share a batch
-    head = model.lm_head.weight[:GPT2_VOCAB_SIZE]
+    head = model.lm_head.weight[:GPT2_VOCAB_SIZE]  # (vocab, n_embd)
     if runtime.dtype != torch.float32:
         head = head.to(runtime.dtype)  # cast once, not on every chunk
     # per example: the four summed NLLs and the four acc_norm divisors
-    scores = torch.zeros(len(examples), 2, 4, dtype=torch.float64)
+    scores = torch.zeros(len(examples), 2, 4, dtype=torch.float64)  # (examples, 2, 4)
     bar = tqdm(total=len(examples), unit=" examples", disable=not (progress and rank == 0), dynamic_ncols=True)
     batches, count = [], batch_size
     for row in rows:  # whole rows, about batch_size examples per forward pass
@@ -409,6 +380,7 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
     with runtime.autocast():  # one autocast region: the weights are cast to low precision once
         for batch in batches:
             chosen = [i for row in batch for i in row]
+            # (chosen, 4) each: the summed NLLs, then the acc_norm divisors
             scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], head, chunk)
             scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64)
             bar.update(min(len(chosen) * world, len(examples) - bar.n))
@@ -419,6 +391,6 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
         dist.all_reduce(reduced)
         scores = reduced.cpu()
     model.train(was_training)
-    sum_nll, norm = scores.unbind(dim=1)
-    labels = torch.tensor([ex["label"] for ex in examples])
+    sum_nll, norm = scores.unbind(dim=1)  # (examples, 4) each
+    labels = torch.tensor([ex["label"] for ex in examples])  # (examples,)
     return Result(labels, sum_nll, sum_nll / norm, variant)

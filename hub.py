@@ -1,25 +1,32 @@
-"""Is the Hugging Face Hub reachable? Asked once, answered in seconds.
+"""Every download asks here first whether the Hugging Face Hub is reachable: answered in seconds,
+once per address.
 
 `datasets` and `transformers` retry an unreachable Hub for half a minute before failing with a
-long traceback; every loader asks here first and fails with one line that says what to do.
+long traceback; a loader that asks here fails instead with one line that says what to do.
+HF_ENDPOINT and HF_HUB_OFFLINE are read as Hugging Face reads them (settings.HubConfig).
 """
 
 import functools
-import os
 import socket
 from urllib.parse import urlparse
 
 from env import UserError
+from settings import HubConfig
 
-HUB_URL = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+def endpoint():
+    """Return the Hub's address: HF_ENDPOINT when set, else https://huggingface.co."""
+    return HubConfig.from_env().hf_endpoint
 
 
 @functools.cache
-def reachable(url=HUB_URL, timeout=5.0):
-    """True when a TCP connection to the host of `url` opens within `timeout` seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+def reachable(url=None, timeout=5.0):
+    """Return True when a TCP connection to the host of `url` (default: the Hub's endpoint) opens
+    within `timeout` seconds; always False under HF_HUB_OFFLINE."""
+    config = HubConfig.from_env()
+    if config.offline:
         return False
-    parsed = urlparse(url)
+    parsed = urlparse(url or config.hf_endpoint)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout).close()
@@ -28,8 +35,9 @@ def reachable(url=HUB_URL, timeout=5.0):
         return False
 
 
-def require(what, offline_hint, url=HUB_URL):
-    """Raise a UserError naming `what` could not be downloaded and `offline_hint`, when offline."""
+def require(what, offline_hint, url=None):
+    """Raise a UserError naming `what` could not be downloaded and `offline_hint`, when `url`
+    (default: the Hub's endpoint) is unreachable."""
     if not reachable(url):
-        host = urlparse(url).hostname
+        host = urlparse(url or endpoint()).hostname
         raise UserError(f"cannot reach {host} to download {what}: {offline_hint}")

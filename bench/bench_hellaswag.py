@@ -2,11 +2,12 @@
 
     uv run python -m bench.bench_hellaswag [--rows 96] [--repeats 3] [--configs small,124M]
 
-The one-example side is build-nanogpt's way (hellaswag.reference_scores: four padded rows, logits
-at every position). Both sides score the same real rows from ../shared/data/hellaswag (or
-HELLASWAG_PATH) with a randomly initialised model in the same precision (--dtype, default: what
-device.setup picks, bf16 autocast on a CPU with native bf16), alternating sides every repeat. Also
-reports how often the batched path's predictions in that precision agree with its fp32 ones.
+The one-example side is build-nanogpt's way (bench/build_nanogpt.py's reference_scores: four
+padded rows, logits at every position). Both sides score the same real rows from
+../shared/data/hellaswag (or HELLASWAG_PATH) with a randomly initialised model in the same
+precision (--dtype, default: what device.setup picks, bf16 autocast on a CPU with native bf16),
+alternating sides every repeat. Also reports how often the batched path's predictions in that
+precision agree with its fp32 ones.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 import device
 import hellaswag
 from bench import report
+from bench.build_nanogpt import reference_scores
 from env import UserError, cli
 from model import GPT, GPTConfig
 
@@ -32,7 +34,7 @@ SHARED_ROWS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hellasw
 
 def one_at_a_time(model, runtime, rows):
     for row in rows:
-        hellaswag.reference_scores(model, row, runtime=runtime)
+        reference_scores(model, row, runtime=runtime)
 
 
 def matmul_gflop_per_example(rows, config):
@@ -56,7 +58,7 @@ def matmul_gflop_per_example(rows, config):
 def examples_per_s(run, rows, runtime):
     start = time.perf_counter()
     run()
-    runtime.synchronize()
+    report.synchronize(runtime)
     return len(rows) / (time.perf_counter() - start)
 
 

@@ -11,6 +11,7 @@ import torch
 import device
 import hellaswag
 import hub
+from bench.build_nanogpt import reference_scores, render_example
 from model import GPT, GPTConfig
 from tokenizer import encode
 
@@ -136,7 +137,7 @@ def test_github_fallback_when_the_hub_fails(tmp_path, monkeypatch):
 def test_render_example_exact_tokens(real_file):
     row = hellaswag.load_examples(limit=1)[0]
     assert row["ctx"] == "A man is sitting on a roof. he" and row["label"] == 3
-    tokens, mask, label = hellaswag.render_example(row)
+    tokens, mask, label = render_example(row)
     context = [32, 582, 318, 5586, 319, 257, 9753, 13, 339]  # "A man is sitting on a roof. he"
     ending3 = [4940, 10427, 510, 9753, 278, 319, 257, 9753, 13]  # " starts pulling up roofing on a roof."
     assert label == 3 and tokens.shape == mask.shape == (4, tokens.size(1))
@@ -187,7 +188,7 @@ def test_short_block_size_drops_context_from_the_left():
 # ----- scoring -----------------------------------------------------------------------------------
 
 def reference(model, rows, variant):
-    scores = [hellaswag.reference_scores(model, row, variant) for row in rows]
+    scores = [reference_scores(model, row, variant) for row in rows]
     sums = torch.stack([s for s, _ in scores])
     return sums, sums / torch.stack([n for _, n in scores])
 
