@@ -1,8 +1,10 @@
-"""Saving, loading and finding checkpoints: the one owner every script goes through.
+"""Checkpoints: what one holds, saving, finding, and loading it; the one owner every script goes through.
 
-A checkpoint is `$LOG_DIR/model_{step:05d}.pt`, the state after update `step`. It holds only
-tensors and plain Python values, so every reader uses `torch.load(weights_only=True)`: a file that
-would run code when unpickled is refused instead of executed.
+A checkpoint is `$LOG_DIR/model_{step:05d}.pt`, the state after update `step`: the weights and
+shape, and everything train.py needs to continue the run exactly (`training_state`,
+`restore_training_state`). It holds only tensors and plain Python values, so every reader uses
+`torch.load(weights_only=True)`: a file that would run code when unpickled is refused instead of
+executed. Inference scripts call `load_model`.
 """
 
 import os
@@ -10,14 +12,17 @@ import pickle
 import re
 import warnings
 import zipfile
+from dataclasses import asdict
 
 import torch
 
-from env import UserError, env_str
+import settings
+from atomic import atomic_write
+from env import UserError, read, reason
 from model import GPT, GPTConfig
 
 NAME = re.compile(r"^model_(\d{5,})\.pt$")
-TEMPORARY = re.compile(r"^model_\d{5,}\.pt\.tmp\d+$")  # what save() writes before its rename
+TEMPORARY = re.compile(r"^model_\d{5,}\.pt\.tmp\d+$")  # what atomic_write leaves when killed mid-write
 
 
 def checkpoint_path(log_dir, step):
@@ -39,16 +44,9 @@ def latest_checkpoint(log_dir):
 
 
 def save(state, path):
-    """Write to a temporary name, then rename: a crash mid-write never leaves a broken model_*.pt."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(state, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write `state` to `path` through a temporary file: a crash mid-write never leaves a broken model_*.pt."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def prune(log_dir, keep):
@@ -86,8 +84,8 @@ def load(path):
     except EOFError:
         raise UserError(f"{path} is not a readable checkpoint (empty or truncated)") from None
     except (RuntimeError, zipfile.BadZipFile, OSError) as error:  # OSError: a seek past a truncated end
-        reason = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason})") from None
+        why = reason(error).split(". ")[0]
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {why})") from None
     except Exception:  # bytes that are no pickle at all trip the unpickler in many ways
         raise UserError(f"{path} is not a checkpoint (its contents are not a PyTorch save file)") from None
     if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
@@ -95,8 +93,78 @@ def load(path):
     return state
 
 
-# what train.py needs beyond the weights to continue a run exactly where it stopped
+def build_model(state, path="checkpoint", dropout=0.0):
+    """Build a GPT with the checkpoint's shape and weights (on the CPU, in float32)."""
+    try:
+        config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE}, dropout=dropout)
+        model = GPT(config)
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserError(f"{path} does not hold a GPT model this code can load: {reason(error)}") from None
+    return model
+
+
+def load_model(path, device="cpu", say=None):
+    """Load the checkpoint at `path` for inference, as every script does: return the model, in eval
+    mode on `device`, and the checkpoint's dictionary. `say` prints the progress lines, if given."""
+    say = say or (lambda text: None)
+    state = load(path)
+    say(f"Loaded checkpoint from {path}")
+    say("Initializing model...")
+    model = build_model(state, path).to(device).eval()
+    say("Model loaded successfully!")
+    return model, state
+
+
+def resolve_path(path, hint):
+    """Return the checkpoint file to use: `path` itself, the newest one in the folder `path`, or the
+    newest in LOG_DIR when `path` is empty. `hint` ends the error when there is none."""
+    if path and not os.path.isdir(path):
+        return path
+    folder = path or settings.shared("log_dir")
+    newest = latest_checkpoint(folder)
+    if newest is None:
+        raise UserError(f"no checkpoint in {folder}/: {hint}")
+    return newest
+
+
+def model_path_from_env():
+    """Return the checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH (a file, or a folder
+    whose newest checkpoint is taken), else the newest in LOG_DIR."""
+    chosen = read(settings.SamplingConfig, only=["testing_model_path"]).testing_model_path
+    return resolve_path(chosen, "train one with train.py, or set TESTING_MODEL_PATH")
+
+
+# ----------------------------------------------------------------------------------------------
+# the training state: what RESUME needs beyond the weights to continue a run exactly
+
 TRAINING_KEYS = {"optimizer": dict, "step": int, "loader": int, "rng": dict, "train_config": dict}
+
+
+def training_state(model, optimizer, scaler, train_config, step, val_loss, loader_position, device):
+    """Everything after update `step`, as tensors and plain Python values only (weights_only=True reads it)."""
+    optimizer_state = optimizer.state_dict()
+    if scaler.is_enabled():
+        optimizer_state["grad_scaler"] = scaler.state_dict()  # the fp16 loss scale
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer_state,
+        "config": model.config.shape(),
+        "train_config": asdict(train_config),
+        "step": step,
+        "val_loss": val_loss,
+        "loader": loader_position,  # the global token position in the training stream
+        "rng": rng_state(device),
+    }
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
 
 
 def require_training_state(state, path):
@@ -108,37 +176,20 @@ def require_training_state(state, path):
         raise UserError(f"{path} cannot resume training: it holds no CPU random-number state")
 
 
-def build_model(state, path="checkpoint", dropout=0.0):
-    """A GPT with the checkpoint's shape and weights (on the CPU, in float32)."""
+def restore_training_state(state, path, optimizer, scaler, loader, device, weight_decay):
+    """Put the optimizer, loss scale, data position and random numbers back as they were after update `step`."""
+    saved = dict(state["optimizer"])
+    scaler_state = saved.pop("grad_scaler", None)
     try:
-        config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE}, dropout=dropout)
-        model = GPT(config)
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise UserError(f"{path} does not hold a GPT model this code can load: {str(error).splitlines()[0]}") from None
-    return model
-
-
-def load_model(path, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dictionary)."""
-    state = load(path)
-    model = build_model(state, path).to(device).eval()
-    return model, state
-
-
-def resolve_path(path, hint):
-    """The checkpoint file to use: `path` itself, the newest one in the folder `path`, or the newest
-    in LOG_DIR when `path` is None. `hint` ends the error when there is none."""
-    if path and not os.path.isdir(path):
-        return path
-    folder = path or env_str("LOG_DIR", "log")
-    newest = latest_checkpoint(folder)
-    if newest is None:
-        raise UserError(f"no checkpoint in {folder}/: {hint}")
-    return newest
-
-
-def model_path_from_env():
-    """The checkpoint generate.py and prompt.py use: TESTING_MODEL_PATH (a file, or a folder whose
-    newest checkpoint is taken), else the newest in LOG_DIR."""
-    return resolve_path(env_str("TESTING_MODEL_PATH", None), "train one with train.py, or set TESTING_MODEL_PATH")
+        optimizer.load_state_dict(saved)
+        if scaler_state and scaler.is_enabled():
+            scaler.load_state_dict(scaler_state)
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.startswith("cuda") and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        elif device == "mps" and "mps" in state["rng"]:
+            torch.mps.set_rng_state(state["rng"]["mps"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise UserError(f"{path} holds an optimizer state this model cannot use: {reason(error)}") from None
+    optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0 decays; WEIGHT_DECAY may have changed
+    loader.position = state["loader"] % loader.total

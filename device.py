@@ -1,4 +1,4 @@
-"""Where the code runs: the device, the precision, and the torchrun process group.
+"""Where the code runs: the device, the precision, the torchrun process group, and the device's peak speed.
 
 train.py, evaluate.py, generate.py, prompt.py and the benchmarks all call `setup()`, so `DEVICE`,
 `DTYPE` and torchrun behave the same everywhere.
@@ -18,6 +18,14 @@ from env import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' data sheets, for MFU. Matched
+# against torch.cuda.get_device_name(), longest name first ("H100 PCIe" before "H100").
+GPU_PEAK_TFLOPS = {
+    "B200": 2250, "H200": 989, "GH200": 989, "H100 PCIe": 756, "H100": 989, "H800": 989,
+    "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125,
+    "A6000": 155, "RTX 6000 Ada": 365, "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65,
+}
+
 
 @dataclass
 class Runtime:
@@ -32,7 +40,8 @@ class Runtime:
         return self.device.split(":")[0]
 
     @property
-    def ddp(self):
+    def distributed(self):
+        """True under torchrun: several processes that must agree (all-reduce, barriers)."""
         return self.world_size > 1 or dist.is_initialized()
 
     @property
@@ -49,12 +58,6 @@ class Runtime:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-    def synchronize(self):
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
-        elif self.device_type == "mps":
-            torch.mps.synchronize()
 
 
 def cpu_has_native_bf16():
@@ -73,28 +76,20 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def keep_freed_memory(keep=True):
+def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
 
     A CPU training step allocates and frees buffers of hundreds of MB; by default glibc maps each
-    one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again
-    (measured here: up to 46% of a small model's step). Same as MALLOC_MMAP_MAX_=0
+    one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again (the
+    README's Performance section has the figures). Same as MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=2147483647, but it holds for a user who just types `uv run train.py`.
-    keep=False is for bench_train's baseline, an untuned process: glibc's defaults at the most their
-    self-adjustment reaches (the thresholds rise with the buffers a process frees, up to 32 MiB
-    mapped fresh each time), so that if anything the baseline is flattered. They are set explicitly
-    because setting the trim or mmap thresholds, as keep=True does, stops that self-adjustment.
     """
     if platform.system() != "Linux":
         return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-    if keep:
-        settings = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1}
-    else:
-        settings = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all([bool(libc.mallopt(option, value)) for option, value in settings.items()])
+        return all([bool(libc.mallopt(M_MMAP_MAX, 0)), bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))])
     except (OSError, AttributeError):
         return False  # not glibc (musl, ...): nothing to tune
 
@@ -158,3 +153,16 @@ def setup(device="auto", dtype="auto"):
 def teardown():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_flops(runtime, peak_tflops=0.0):
+    """Peak FLOP/s of one device, for MFU: `peak_tflops` (PEAK_TFLOPS) if set, else the GPU's data
+    sheet figure from GPU_PEAK_TFLOPS, else None (unknown: no MFU is shown)."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if runtime.device_type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+            if key in name:
+                return GPU_PEAK_TFLOPS[key] * 1e12
+    return None

@@ -8,19 +8,19 @@ Overall accuracy (acc_norm, the number train.py logs, and acc), accuracy by spli
 random examples explained, and every example's scores in $LOG_DIR/eval_results.pt.
 """
 
-import argparse
 import os
 import random
 
 import checkpoint
 import device
 import hellaswag
-from env import UserError, cli, env_int, env_str
+from env import ArgumentParser, UserError, cli
 from model import GPT
+from settings import shared
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description="Evaluate a model on the HellaSwag validation set.")
+    parser = ArgumentParser(description="Evaluate a model on the HellaSwag validation set.")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint",
                         help="a checkpoint written by train.py, or a folder: its newest (default: $LOG_DIR)")
@@ -37,40 +37,30 @@ def parse_args():
                         help="nanogpt: build-nanogpt's scoring (default); lm-eval: lm-evaluation-harness's")
     args = parser.parse_args()
     if args.limit is None:
-        args.limit = env_int("HELLASWAG_LIMIT", 0, minimum=-1)
+        args.limit = shared("hellaswag_limit")
     if args.limit < -1:
         raise UserError(f"--limit must be a row count, or 0 / -1 for all rows, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.seed is None:
-        args.seed = env_int("SEED", 1337, minimum=0)
-    args.device = args.device or env_str("DEVICE", "auto")
-    args.dtype = args.dtype or env_str("DTYPE", "auto")
+        args.seed = shared("seed")
+    args.device = args.device or shared("device")
+    args.dtype = args.dtype or shared("dtype")
     return args
 
 
-def load_model(args, runtime):
-    """The raw GPT on the runtime's device, and a name for the report."""
+def load_scored_model(args, runtime, say):
+    """Return the GPT to score, on the runtime's device, and its name for the report."""
     if args.hf_model:
-        say(runtime, f"Loading Hugging Face model {args.hf_model}")
-        say(runtime, "Initializing model...")
-        model = GPT.from_pretrained(args.hf_model)
-        name = args.hf_model
-    else:
-        path = checkpoint.resolve_path(args.checkpoint, "pass --checkpoint PATH, or train one with train.py")
-        say(runtime, f"Loading checkpoint from {path}")
-        state = checkpoint.load(path)
-        say(runtime, "Initializing model...")
-        model = checkpoint.build_model(state, path)
-        name = path
-    model.to(runtime.device).eval()
-    say(runtime, "Model loaded successfully!")
-    return model, name
-
-
-def say(runtime, text=""):
-    if runtime.master:
-        print(text, flush=True)
+        say(f"Loading Hugging Face model {args.hf_model}")
+        say("Initializing model...")
+        model = GPT.from_pretrained(args.hf_model).to(runtime.device).eval()
+        say("Model loaded successfully!")
+        return model, args.hf_model
+    path = checkpoint.resolve_path(args.checkpoint, "pass --checkpoint PATH, or train one with train.py")
+    say(f"Loading checkpoint from {path}")
+    model, _ = checkpoint.load_model(path, runtime.device, say)
+    return model, path
 
 
 def report(examples, result, seed):
@@ -102,12 +92,17 @@ def report(examples, result, seed):
 def main():
     args = parse_args()
     runtime = device.setup(args.device, args.dtype)
+
+    def say(text):  # rank 0 speaks for all
+        if runtime.master:
+            print(text, flush=True)
+
     try:
-        say(runtime, f"Using device: {runtime.device} ({runtime.dtype_name}), HellaSwag variant: {args.variant}")
-        log_dir = env_str("LOG_DIR", "log")
-        model, name = load_model(args, runtime)
+        say(f"Using device: {runtime.device} ({runtime.dtype_name}), HellaSwag variant: {args.variant}")
+        log_dir = shared("log_dir")
+        model, name = load_scored_model(args, runtime, say)
         examples = hellaswag.load_examples(args.limit)
-        say(runtime, "Evaluating on HellaSwag validation set...")
+        say("Evaluating on HellaSwag validation set...")
         result = hellaswag.evaluate(model, runtime, examples, args.batch_size, args.variant, progress=True)
         if runtime.master:
             report(examples, result, args.seed)

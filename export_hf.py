@@ -9,14 +9,13 @@ writes `model.safetensors` and `config.json` (a `GPT2LMHeadModel`, the vocabular
 newest checkpoint in `LOG_DIR` (default `log`) is exported.
 """
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 
 from checkpoint import load_model, resolve_path
-from env import UserError, cli
+from env import ArgumentParser, UserError, cli
 from model import GPT2_VOCAB_SIZE
 from tokenizer import EOT, bpe_files, encode
 
@@ -24,11 +23,6 @@ from tokenizer import EOT, bpe_files, encode
 # gets replaced; any other file in it belongs to the user, so the export refuses to touch the folder.
 EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "vocab.json", "merges.txt"}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message} (see --help)")  # one line like every other mistake, not usage + exit 2
 
 
 def parse_args(argv=None):
@@ -50,7 +44,7 @@ def check_out_dir(out):
 
 
 def build_tokenizer(model_max_length):
-    """GPT-2's tokenizer for transformers, from the very files our tiktoken encoding is built from.
+    """Build GPT-2's tokenizer for transformers from the very files our tiktoken encoding is built from.
 
     It is built from the parsed vocab and merges: transformers 5's GPT2TokenizerFast(vocab_file=...,
     merges_file=...) quietly ignores the files and encodes every text to nothing.

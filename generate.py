@@ -4,41 +4,24 @@
     TESTING_MODEL_PATH=log/model_00049.pt uv run generate.py
     TEMPERATURE=0 MAX_NEW_TOKENS=50 uv run generate.py  # greedy, shorter
 
-Sampling settings (TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, SEED) are in sampling.SamplingConfig;
-DEVICE and DTYPE pick the device and precision as in train.py. prompt.py loads its model from here.
+The sampling settings (TEMPERATURE, TOP_K, TOP_P, MAX_NEW_TOKENS, SEED, TESTING_MODEL_PATH) are
+settings.SamplingConfig; DEVICE and DTYPE pick the device and precision as in train.py.
 """
 
 import checkpoint
 import device
-from env import cli, env_str
-from sampling import SamplingConfig, generate, make_generator
+from documents import question_prompt
+from env import cli
+from sampling import generate, make_generator
+from settings import SamplingConfig, shared
 from tokenizer import EOT, decode, encode
 
 PROMPT = "What is the relationship between kinetic and potential energy in a"
 QUESTION = "Explain how conservation of energy applies to a pendulum's motion."
 
 
-def load_model():
-    """(model, runtime): the device first, then TESTING_MODEL_PATH or the newest checkpoint in LOG_DIR."""
-    runtime = device.setup(env_str("DEVICE", "auto"), env_str("DTYPE", "auto"))
-    print(f"Using device: {runtime.device}")
-    path = checkpoint.model_path_from_env()
-    print("Loading checkpoint...")
-    state = checkpoint.load(path)
-    print(f"Loaded checkpoint from {path}")
-    print("Initializing model...")
-    model = checkpoint.build_model(state, path).to(runtime.device).eval()
-    print("Model loaded successfully!")
-    return model, runtime
-
-
-def question_prompt(question):
-    """A question in the form the model saw it in training (dataset.py's natural_reasoning documents)."""
-    return f"Question: {question}\nAnswer:"
-
-
 def complete(model, text, settings, generator):
-    """`text` followed by the model's continuation of it."""
+    """Return `text` followed by the model's continuation of it."""
     ids = encode(text)
     # <|endoftext|> first: every training document starts after one
     new = generate(model, [EOT] + ids, settings.max_new_tokens, generator=generator, **settings.options())[0]
@@ -49,7 +32,11 @@ def complete(model, text, settings, generator):
 def main():
     settings = SamplingConfig.from_env()
     print("Starting model generation demo...")
-    model, runtime = load_model()
+    runtime = device.setup(shared("device"), shared("dtype"))
+    print(f"Using device: {runtime.device}")
+    path = checkpoint.model_path_from_env()
+    print("Loading checkpoint...")
+    model, _ = checkpoint.load_model(path, runtime.device, say=print)
     generator = make_generator(runtime.device, settings.seed)
     with runtime.autocast():  # one context: the low-precision copy of the weights is made once
         print("\nExample 1: Direct text generation")

@@ -11,9 +11,12 @@ The model and the other settings come as in generate.py.
 import codecs
 import sys
 
+import checkpoint
+import device
+from documents import NEXT_QUESTION, question_prompt
 from env import cli
-from generate import load_model, question_prompt
-from sampling import SamplingConfig, make_generator, stream
+from sampling import make_generator, stream
+from settings import SamplingConfig, shared
 from tokenizer import EOT, encode, get_encoding
 
 BANNER = """
@@ -24,16 +27,16 @@ Type 'temp X' to change temperature (0.1-2.0)
 Type 'tokens X' to change max tokens (1-1000)"""
 
 # besides at <|endoftext|>, an answer ends where the model starts asking the next question
-STOP = "\nQuestion:"
+STOP = NEXT_QUESTION
 
 
 def _unsure_tail(text):
-    """How many final characters of `text` could still grow into STOP, so must wait to be shown."""
+    """Count the final characters of `text` that could still grow into STOP, so must wait to be shown."""
     return next((n for n in range(len(STOP) - 1, 0, -1) if text.endswith(STOP[:n])), 0)
 
 
 def answer_pieces(token_ids):
-    """The answer's text, piece by piece as the tokens arrive (ints): the bytes of a character split
+    """Yield the answer's text piece by piece as the tokens (ints) arrive: the bytes of a character split
     across tokens wait for the rest of it, and the text ends before <|endoftext|> or STOP."""
     encoding = get_encoding()
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -110,7 +113,11 @@ def repl(model, settings, generator):
 def main():
     settings = SamplingConfig.from_env()
     print("Loading model...")
-    model, runtime = load_model()
+    runtime = device.setup(shared("device"), shared("dtype"))
+    print(f"Using device: {runtime.device}")
+    path = checkpoint.model_path_from_env()
+    print("Loading checkpoint...")
+    model, _ = checkpoint.load_model(path, runtime.device, say=print)
     with runtime.autocast():  # for the whole session: the low-precision copy of the weights is made once
         repl(model, settings, make_generator(runtime.device, settings.seed))
 

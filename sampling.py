@@ -2,49 +2,19 @@
 the benchmarks share.
 
 With the cache each new token costs one position's forward pass instead of the whole prefix again.
-Run it inside the caller's autocast context (`runtime.autocast()`) for low-precision speed.
+Run it inside the caller's autocast context (`runtime.autocast()`) for low-precision speed. The
+settings generate.py and prompt.py sample with are `settings.SamplingConfig`.
 """
-
-from dataclasses import dataclass
 
 import torch
 from torch.nn import functional as F
 
-from env import UserError, env_float, env_int
 from model import GPT2_VOCAB_SIZE, KVCache
 from tokenizer import EOT
 
 
-@dataclass
-class SamplingConfig:
-    """The settings generate.py and prompt.py read from the environment."""
-
-    temperature: float = 0.8  # below 1 sharpens the distribution; 0 is greedy (always the likeliest token)
-    top_k: int = 50  # sample among the k likeliest tokens only; 0 turns it off
-    top_p: float = 0.95  # then among the fewest of those whose probability adds up to top_p; 1 turns it off
-    max_new_tokens: int = 200
-    seed: int = 1337
-
-    @classmethod
-    def from_env(cls):
-        config = cls(
-            temperature=env_float("TEMPERATURE", cls.temperature),
-            top_k=env_int("TOP_K", cls.top_k, minimum=0),
-            top_p=env_float("TOP_P", cls.top_p),
-            max_new_tokens=env_int("MAX_NEW_TOKENS", cls.max_new_tokens),
-            seed=env_int("SEED", cls.seed, minimum=0),
-        )
-        if not 0 < config.top_p <= 1:
-            raise UserError(f"TOP_P must be in (0, 1], got {config.top_p}")
-        return config
-
-    def options(self):
-        """The keyword arguments `stream` and `generate` take."""
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-
-
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row of (B, vocab_size) logits. Ids from 50257 up, the padding rows of a
+    """Pick one token id per row of (B, vocab_size) logits. Ids from 50257 up, the padding rows of a
     50304-wide vocabulary, are never picked."""
     logits = logits[:, :GPT2_VOCAB_SIZE].float()
     if temperature == 0:
@@ -116,7 +86,7 @@ def stream(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p
 
 
 def generate(model, prompt_ids, max_new_tokens, stop_at_eot=True, **kwargs):
-    """The new token ids of every row as lists, each cut before its first <|endoftext|>."""
+    """Return the new token ids of every row as lists, each cut before its first <|endoftext|>."""
     steps = list(stream(model, prompt_ids, max_new_tokens, stop_at_eot=stop_at_eot, **kwargs))
     if not steps:  # max_new_tokens == 0
         return [[] for _ in range(len(prompt_ids) if torch.is_tensor(prompt_ids) else kwargs.get("num_samples", 1))]
@@ -125,7 +95,7 @@ def generate(model, prompt_ids, max_new_tokens, stop_at_eot=True, **kwargs):
 
 
 def make_generator(device, seed):
-    """A torch.Generator on `device`, so sampling is reproducible and leaves the global RNG alone."""
+    """Make a seeded torch.Generator on `device`: sampling is reproducible and leaves the global RNG alone."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return generator

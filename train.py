@@ -3,11 +3,16 @@
     uv run train.py                                        # one GPU, Apple silicon, or the CPU
     torchrun --standalone --nproc_per_node=8 train.py      # eight GPUs on one machine (DDP)
 
-Every setting is an environment variable; README lists them with their defaults. The loop is
-build-nanogpt's: gradient accumulation up to TOTAL_BATCH_SIZE tokens per update, gradient clipping
-at 1.0, linear warm-up then cosine decay, and now and then a validation loss, HellaSwag accuracy
-and samples. Checkpoints in $LOG_DIR hold everything needed to continue exactly (RESUME=1), and
-every update appends one row to $LOG_DIR/metrics.csv (plot it with plot_metrics.py).
+Every setting is an environment variable: settings.TrainConfig and settings.GPTConfig list them
+with their defaults (README too). The loop is build-nanogpt's: gradient accumulation up to
+TOTAL_BATCH_SIZE tokens per update, gradient clipping at 1.0, linear warm-up then cosine decay, and
+now and then a validation loss, HellaSwag accuracy and samples. Checkpoints in $LOG_DIR hold
+everything needed to continue exactly (RESUME=1), and every update appends one row to
+$LOG_DIR/metrics.csv (plot it with plot_metrics.py).
+
+The file reads in the order a run happens: `main` (the settings, checked before any work), `set_up`
+(the model and optimizer, the data), `train` (the loop, with its checkpoints); the helpers follow,
+grouped under the step that uses them.
 """
 
 import contextlib
@@ -27,139 +32,176 @@ import device
 import sampling
 import shards
 import tokenizer
-from env import UserError, cli, env_flag, env_float, env_int, env_str, is_set
-from model import GPT, GPT2_VOCAB_SIZE, GPTConfig
+from atomic import atomic_write
+from env import UserError, cli, is_set
+from model import GPT, GPT2_VOCAB_SIZE
+from settings import GPTConfig, TrainConfig
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 METRICS_HEADER = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"]
 
-# Dense bf16/fp16 tensor-core peaks in TFLOP/s from the vendors' data sheets, for MFU. Matched
-# against torch.cuda.get_device_name(), longest name first ("H100 PCIe" before "H100").
-GPU_PEAK_TFLOPS = {
-    "B200": 2250, "H200": 989, "GH200": 989, "H100 PCIe": 756, "H100": 989, "H800": 989,
-    "A100": 312, "A800": 312, "L40S": 362, "L40": 181, "L4": 121, "A10G": 70, "A10": 125,
-    "A6000": 155, "RTX 6000 Ada": 365, "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65,
-}
+
+@cli
+def main():
+    # the settings: everything that can be wrong with them is found before any work starts
+    cfg = TrainConfig.from_env()
+    env_shape = GPTConfig.from_env()
+    check_settings(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    resume_from = resume_path(cfg)
+    state = load_resume_state(resume_from, env_shape, cfg) if resume_from else None
+    shards.shard_paths(cfg.dataset_path, "train")
+    shards.shard_paths(cfg.dataset_path, "val")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw_model = model_to_train(cfg, env_shape, state, resume_from)
+    check_model_fits(raw_model.config, cfg)
+    runtime = device.setup(cfg.device, cfg.dtype)
+    try:
+        train(set_up(cfg, runtime, raw_model, state, resume_from))
+    finally:
+        device.teardown()
+
+
+@dataclass
+class Run:
+    """What the loop works with: set_up() builds it, train() runs it."""
+
+    cfg: TrainConfig
+    runtime: device.Runtime
+    raw_model: GPT  # evaluation, sampling and checkpoints use the plain model...
+    model: torch.nn.Module  # ...the updates this one: compiled and DDP-wrapped when those are on
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: shards.TokenLoader
+    val_loader: shards.TokenLoader
+    hellaswag_rows: list | None  # None: HellaSwag off, or no data
+    metrics: object  # metrics.csv open for appending (rank 0), else None
+    grad_accum_steps: int
+    start_step: int
+    val_loss: float | None  # the last one measured, saved in checkpoints
+    peak_flops: float | None  # of one device, for MFU; None: unknown
+
+
+def set_up(cfg, runtime, raw_model, state, resume_from):
+    """Put the model, optimizer and data on the device, continuing `state` when resuming."""
+    master = runtime.master
+    resuming_in_place = claim_log_dir(cfg, state, resume_from, master)
+    use_compile = runtime.device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
+    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_length * runtime.world_size)
+    if master:
+        print_configuration(cfg, raw_model.config, runtime, use_compile, resumed=state is not None)
+        if cfg.warmup_steps >= cfg.max_steps:
+            print(f"Warning: WARMUP_STEPS ({cfg.warmup_steps}) >= MAX_STEPS ({cfg.max_steps}): "
+                  "the whole run is warm-up, the learning rate never decays", file=sys.stderr, flush=True)
+        print(f"total desired batch size: {cfg.total_batch_size}")
+        print(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
+
+    train_loader, val_loader = (shards.TokenLoader(cfg.dataset_path, split, cfg.batch_size, cfg.seq_length,
+                                                   runtime.rank, runtime.world_size, verbose=master)
+                                for split in ("train", "val"))
+    raw_model.to(runtime.device)
+    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master)
+    scaler = grad_scaler(runtime)
+    start_step, val_loss = 0, None
+    if state is not None:
+        checkpoint.restore_training_state(state, resume_from, optimizer, scaler, train_loader, runtime.device,
+                                          cfg.weight_decay)
+        start_step, val_loss = state["step"] + 1, state["val_loss"]
+        continue_run(cfg, state, resume_from, master)
+    elif cfg.init_from != "scratch" and master:
+        print(f"fine-tuning from {cfg.init_from}")
+
+    # compiled and DDP-wrapped for the updates only: evaluation and sampling use raw_model, so
+    # neither has to live with the compiler's recompilations or DDP's hooks
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if runtime.distributed:
+        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+    hellaswag_rows = load_hellaswag(cfg.hellaswag_limit, runtime)
+    metrics = None
+    if master:
+        metrics = open_metrics(os.path.join(cfg.log_dir, "metrics.csv"),
+                               keep_through=state["step"] if resuming_in_place else None)
+    return Run(cfg, runtime, raw_model, model, optimizer, scaler, train_loader, val_loader, hellaswag_rows, metrics,
+               grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops))
+
+
+def train(run):
+    """The loop: now and then evaluate and sample, then update, log, and now and then save."""
+    cfg, runtime, master = run.cfg, run.runtime, run.runtime.master
+    flops_per_token = run.raw_model.flops_per_token(cfg.seq_length)
+    for step in range(run.start_step, cfg.max_steps):
+        last_step = step == cfg.max_steps - 1
+        measured = (None, None)  # (validation loss, HellaSwag accuracy), where measured
+        # an evaluation at step N sees the weights before update N: step 0 shows the untrained model
+        if step % cfg.eval_interval == 0:
+            measured = evaluate(run)
+        if step > 0 and step % cfg.sample_interval == 0 and master:
+            print_samples(run.raw_model, runtime, cfg.seed)
+
+        t0 = time.perf_counter()
+        lr = get_lr(step, cfg)
+        loss, norm = train_step(run.model, run.optimizer, run.scaler, run.train_loader, runtime,
+                                run.grad_accum_steps, lr)
+        loss, norm = loss.item(), norm.item()  # waits for the device
+        dt = time.perf_counter() - t0
+        tokens_per_sec = cfg.total_batch_size / dt
+        mfu = flops_per_token * tokens_per_sec / (run.peak_flops * runtime.world_size) if run.peak_flops else None
+        if master:
+            print(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
+                  f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else ""), flush=True)
+
+        if last_step:  # the final weights, after the last update
+            measured = evaluate(run)
+            if master:
+                print_samples(run.raw_model, runtime, cfg.seed)
+        if measured[0] is not None:
+            run.val_loss = measured[0]
+        if master:
+            csv.writer(run.metrics).writerow([step, loss, *measured, lr, norm, round(dt * 1000, 2),
+                                              round(tokens_per_sec, 1), round(mfu, 5) if mfu else None])
+            run.metrics.flush()
+            if (step + 1) % cfg.checkpoint_interval == 0 or last_step:
+                save_checkpoint(run, step)
+    if master:
+        run.metrics.close()
 
 
 # ----------------------------------------------------------------------------------------------
-# configuration
+# the settings
 
-@dataclass
-class TrainConfig:
-    total_batch_size: int = 65536  # tokens per optimizer update, all ranks and micro-steps together
-    batch_size: int = 8  # sequences per micro-batch, per rank
-    seq_length: int = 256
-    max_lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 715
-    max_steps: int = 19073
-    weight_decay: float = 0.1
-    dataset_path: str = "natural_reasoning"
-    log_dir: str = "log"
-    eval_interval: int = 250
-    val_steps: int = 20  # validation batches per rank
-    hellaswag_limit: int = 0  # 0: all rows, -1: off
-    sample_interval: int = 250
-    checkpoint_interval: int = 5000
-    keep_checkpoints: int = 3  # 0 keeps them all
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"
-    compile: str = "auto"  # auto (on for CUDA), 0 or 1
-    resume: str = ""  # "" (fresh run), "1" (newest checkpoint in LOG_DIR) or a checkpoint path
-    force: bool = False
-    peak_tflops: float = 0.0  # 0: look the GPU up in GPU_PEAK_TFLOPS
-    init_from: str = "scratch"
-
-    @classmethod
-    def from_env(cls):
-        d = cls()
-        config = cls(
-            total_batch_size=env_int("TOTAL_BATCH_SIZE", d.total_batch_size),
-            batch_size=env_int("BATCH_SIZE", d.batch_size),
-            seq_length=env_int("SEQ_LENGTH", d.seq_length),
-            max_lr=env_float("MAX_LR", d.max_lr),
-            min_lr=env_float("MIN_LR", d.min_lr),
-            warmup_steps=env_int("WARMUP_STEPS", d.warmup_steps, minimum=0),
-            max_steps=env_int("MAX_STEPS", d.max_steps),
-            weight_decay=env_float("WEIGHT_DECAY", d.weight_decay),
-            dataset_path=env_str("DATASET_PATH", d.dataset_path),
-            log_dir=env_str("LOG_DIR", d.log_dir),
-            eval_interval=env_int("EVAL_INTERVAL", d.eval_interval),
-            val_steps=env_int("VAL_STEPS", d.val_steps),
-            hellaswag_limit=env_int("HELLASWAG_LIMIT", d.hellaswag_limit, minimum=-1),
-            sample_interval=env_int("SAMPLE_INTERVAL", d.sample_interval),
-            checkpoint_interval=env_int("CHECKPOINT_INTERVAL", d.checkpoint_interval),
-            keep_checkpoints=env_int("KEEP_CHECKPOINTS", d.keep_checkpoints, minimum=0),
-            seed=env_int("SEED", d.seed, minimum=0),
-            device=env_str("DEVICE", d.device),
-            dtype=env_str("DTYPE", d.dtype),
-            compile=env_str("COMPILE", d.compile).lower(),
-            resume=env_str("RESUME", d.resume),
-            force=env_flag("FORCE", d.force),
-            peak_tflops=env_float("PEAK_TFLOPS", d.peak_tflops),
-            init_from=env_str("INIT_FROM", d.init_from),
-        )
-        if config.compile != "auto":
-            config.compile = "1" if env_flag("COMPILE") else "0"
-        if config.resume.lower() in ("0", "false", "no", "off"):
-            config.resume = ""
-        elif config.resume.lower() in ("1", "true", "yes", "on"):
-            config.resume = "1"
-        return config
-
-    def validate(self, world_size):
-        """The checks that need no files and no model: bad combinations stop before any work."""
-        if self.min_lr > self.max_lr:
-            raise UserError(f"MIN_LR ({self.min_lr}) must not exceed MAX_LR ({self.max_lr})")
-        micro_tokens = self.batch_size * self.seq_length * world_size
-        if self.total_batch_size % micro_tokens:
-            raise UserError(f"TOTAL_BATCH_SIZE ({self.total_batch_size}) must be divisible by BATCH_SIZE * SEQ_LENGTH "
-                            f"* world size ({self.batch_size} * {self.seq_length} * {world_size} = {micro_tokens})")
-        device.pick_dtype(device.pick_device(self.device), self.dtype)  # DEVICE and DTYPE: known values?
-        if not self.resume and self.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(self.init_from):
-            raise UserError(f"INIT_FROM must be scratch, {', '.join(PRETRAINED)} or a directory holding a "
-                            f"GPT2LMHeadModel, got {self.init_from!r} (no such directory)")
+def check_settings(cfg, world_size):
+    """Stop on bad combinations that need no files and no model to find."""
+    if cfg.min_lr > cfg.max_lr:
+        raise UserError(f"MIN_LR ({cfg.min_lr}) must not exceed MAX_LR ({cfg.max_lr})")
+    micro_tokens = cfg.batch_size * cfg.seq_length * world_size
+    if cfg.total_batch_size % micro_tokens:
+        raise UserError(f"TOTAL_BATCH_SIZE ({cfg.total_batch_size}) must be divisible by BATCH_SIZE * SEQ_LENGTH "
+                        f"* world size ({cfg.batch_size} * {cfg.seq_length} * {world_size} = {micro_tokens})")
+    device.pick_dtype(device.pick_device(cfg.device), cfg.dtype)  # DEVICE and DTYPE: known values?
+    if not cfg.resume and cfg.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(cfg.init_from):
+        raise UserError(f"INIT_FROM must be scratch, {', '.join(PRETRAINED)} or a directory holding a "
+                        f"GPT2LMHeadModel, got {cfg.init_from!r} (no such directory)")
 
 
-def print_configuration(model_config, shape_source, cfg, runtime, use_compile):
+def print_configuration(cfg, model_config, runtime, use_compile, resumed):
+    """Print every setting, with the device, precision and compile choice actually made."""
+    origin = " (from checkpoint)" if resumed else f" (from {cfg.init_from})" if cfg.init_from != "scratch" else ""
     print("Configuration from environment:")
     for name in GPTConfig.SHAPE:
-        print(f"  {name.upper()}: {getattr(model_config, name)}{shape_source}")
+        print(f"  {name.upper()}: {getattr(model_config, name)}{origin}")
     print(f"  DROPOUT: {model_config.dropout}")
+    chosen = {"device": runtime.device, "dtype": runtime.dtype_name, "compile": "on" if use_compile else "off"}
     for name, value in asdict(cfg).items():
-        chosen = {"device": runtime.device, "dtype": runtime.dtype_name, "compile": "on" if use_compile else "off"}
         shown = f"{value} (using {chosen[name]})" if name in chosen else value
         print(f"  {name.upper()}: {shown if shown != '' else '(not set)'}")
     print(f"  WORLD_SIZE: {runtime.world_size}")
 
 
-def get_lr(step, cfg):
-    """Linear warm-up to MAX_LR, then cosine decay to MIN_LR at MAX_STEPS."""
-    if step < cfg.warmup_steps:
-        return cfg.max_lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_steps:
-        return cfg.min_lr
-    decay_ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
-    return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
-
-
 # ----------------------------------------------------------------------------------------------
 # the model: from a checkpoint (RESUME), from pretrained weights (INIT_FROM) or from scratch
 
-def check_shape(env_config, shape, source):
-    """The shape comes from `source`; a model variable the user set explicitly must agree with it."""
-    for name in GPTConfig.SHAPE:
-        variable = name.upper()
-        if is_set(variable) and getattr(env_config, name) != int(shape[name]):
-            raise UserError(f"{variable}={getattr(env_config, name)} disagrees with {source}, which has "
-                            f"{variable}={shape[name]}: unset {variable} (the model shape comes from {source})")
-
-
 def resume_path(cfg):
+    """Return the checkpoint RESUME names (RESUME=1: the newest in LOG_DIR), or None for a fresh run."""
     if cfg.resume != "1":
         return cfg.resume or None
     path = checkpoint.latest_checkpoint(cfg.log_dir)
@@ -169,28 +211,47 @@ def resume_path(cfg):
     return path
 
 
-def load_resume_state(path, env_config, cfg):
-    """The checkpoint to continue from, checked against the model variables and MAX_STEPS."""
+def load_resume_state(path, env_shape, cfg):
+    """Load the checkpoint to continue from, checked against the model variables and MAX_STEPS."""
     state = checkpoint.load(path)
     checkpoint.require_training_state(state, path)
-    check_shape(env_config, state["config"], f"the checkpoint {path}")
+    check_shape(env_shape, state["config"], f"the checkpoint {path}")
     if state["step"] + 1 >= cfg.max_steps:
         raise UserError(f"{path} already holds update {state['step']}: MAX_STEPS={cfg.max_steps} leaves "
                         "nothing to train; raise MAX_STEPS to continue")
     return state
 
 
-def load_model(cfg, env_config, state, path):
-    """(GPT on the CPU, where its shape came from)."""
+def model_to_train(cfg, env_shape, state, path):
+    """Build the model training starts from, on the CPU: the checkpoint's when resuming, OpenAI's
+    (or a local GPT2LMHeadModel's) with INIT_FROM, else a new one shaped by the model variables."""
     if state is not None:  # load_resume_state() has checked the shape against the environment
-        return checkpoint.build_model(state, path, dropout=env_config.dropout), " (from checkpoint)"
+        return checkpoint.build_model(state, path, dropout=env_shape.dropout)
     if cfg.init_from != "scratch":
         pretrained = GPT.from_pretrained(cfg.init_from)
-        check_shape(env_config, pretrained.config.shape(), f"INIT_FROM={cfg.init_from}")
-        model = GPT(replace(pretrained.config, dropout=env_config.dropout))  # DROPOUT applies to fine-tuning
+        check_shape(env_shape, pretrained.config.shape(), f"INIT_FROM={cfg.init_from}")
+        model = GPT(replace(pretrained.config, dropout=env_shape.dropout))  # DROPOUT applies to fine-tuning
         model.load_state_dict(pretrained.state_dict())
-        return model, f" (from {cfg.init_from})"
-    return GPT(env_config), ""
+        return model
+    return GPT(env_shape)
+
+
+def check_shape(env_shape, shape, source):
+    """The shape comes from `source`; a model variable the user set explicitly must agree with it."""
+    for name in GPTConfig.SHAPE:
+        variable = name.upper()
+        if is_set(variable) and getattr(env_shape, name) != int(shape[name]):
+            raise UserError(f"{variable}={getattr(env_shape, name)} disagrees with {source}, which has "
+                            f"{variable}={shape[name]}: unset {variable} (the model shape comes from {source})")
+
+
+def check_model_fits(model_config, cfg):
+    """The sequences must fit the position table, and GPT-2's tokens the vocabulary."""
+    if cfg.seq_length > model_config.block_size:
+        raise UserError(f"SEQ_LENGTH ({cfg.seq_length}) must not exceed BLOCK_SIZE ({model_config.block_size})")
+    if model_config.vocab_size < GPT2_VOCAB_SIZE:
+        raise UserError(f"VOCAB_SIZE ({model_config.vocab_size}) must be at least {GPT2_VOCAB_SIZE}, "
+                        "GPT-2's vocabulary, to train on GPT-2 tokens")
 
 
 def claim_log_dir(cfg, state, path, master):
@@ -198,6 +259,7 @@ def claim_log_dir(cfg, state, path, master):
 
     A resumed run owns the checkpoints up to the one it resumes from, if that lives in LOG_DIR;
     any other checkpoint there is someone else's: stop, unless FORCE=1 says to delete them.
+    Returns whether the run continues a checkpoint of LOG_DIR itself.
     """
     same_dir = path is not None and os.path.abspath(os.path.dirname(path)) == os.path.abspath(cfg.log_dir)
     owned_through = state["step"] if same_dir else -1
@@ -221,27 +283,34 @@ def claim_log_dir(cfg, state, path, master):
     return same_dir
 
 
-def print_changes(cfg, saved):
+def continue_run(cfg, state, path, master):
+    """Say where the run continues and what changed; RESUME wins over INIT_FROM, so the run keeps
+    the origin its first part recorded."""
+    started_from = state["train_config"].get("init_from", "scratch")
+    if master:
+        print(f"resuming from {path}: continuing at step {state['step'] + 1}")
+        if is_set("INIT_FROM") and cfg.init_from != started_from:
+            print(f"RESUME is set: ignoring INIT_FROM={cfg.init_from} (this run started from {started_from})")
+    cfg.init_from = started_from
+    saved = state["train_config"]
     changed = [f"{name.upper()} {saved[name]!r} -> {value!r}" for name, value in asdict(cfg).items()
                if name not in ("resume", "force") and name in saved and saved[name] != value]
-    if changed:
+    if changed and master:
         print("training variables changed since the checkpoint: " + ", ".join(changed))
 
 
 # ----------------------------------------------------------------------------------------------
-# one optimizer update, and the evaluations between updates
+# one update
 
-def to_device(batch, runtime):
-    if runtime.device_type == "cuda":  # pinned memory lets the copy overlap with compute
-        return [t.pin_memory().to(runtime.device, non_blocking=True) for t in batch]
-    return [t.to(runtime.device) for t in batch]
-
-
-def all_ranks_mean(value, runtime):
-    if runtime.ddp:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        value /= runtime.world_size
-    return value
+def get_lr(step, cfg):
+    """Return the learning rate of update `step`: a linear warm-up to MAX_LR, then cosine decay to MIN_LR."""
+    if step < cfg.warmup_steps:
+        return cfg.max_lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    decay_ratio = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.max_lr - cfg.min_lr)
 
 
 def grad_scaler(runtime):
@@ -250,7 +319,7 @@ def grad_scaler(runtime):
 
 
 def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
-    """One update from grad_accum_steps micro-batches per rank: (mean loss, gradient norm) tensors."""
+    """Make one update from grad_accum_steps micro-batches per rank; return (mean loss, gradient norm) tensors."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=runtime.device)
@@ -258,7 +327,7 @@ def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
         x, y = to_device(loader.next_batch(), runtime)
         # DDP all-reduces gradients in backward(): only needed once, after the last micro-step
         last = micro_step == grad_accum_steps - 1
-        with model.no_sync() if runtime.ddp and not last else contextlib.nullcontext():
+        with model.no_sync() if runtime.distributed and not last else contextlib.nullcontext():
             with runtime.autocast():
                 _, loss = model(x, y, return_logits=False)  # the loss without materialising the logits
             # the gradient of a mean over all micro-batches, not a sum
@@ -275,57 +344,72 @@ def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
     return loss_accum, norm
 
 
+def to_device(batch, runtime):
+    if runtime.device_type == "cuda":  # pinned memory lets the copy overlap with compute
+        return [t.pin_memory().to(runtime.device, non_blocking=True) for t in batch]
+    return [t.to(runtime.device) for t in batch]
+
+
+def all_ranks_mean(value, runtime):
+    """Average a tensor over the ranks, in place (a no-op in a single process)."""
+    if runtime.distributed:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        value /= runtime.world_size
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and samples, between updates
+
+def evaluate(run):
+    """Measure the current weights: return (validation loss, HellaSwag acc_norm or None)."""
+    val_loss = validation_loss(run.raw_model, run.val_loader, run.runtime, run.cfg.val_steps)
+    if run.runtime.master:
+        print(f"validation loss: {val_loss:.4f}")
+    accuracy = None
+    if run.hellaswag_rows:
+        import hellaswag
+
+        result = hellaswag.evaluate(run.raw_model, run.runtime, run.hellaswag_rows)
+        if run.runtime.master:
+            print(f"HellaSwag accuracy: {result.correct_norm}/{result.total}={result.acc_norm:.4f}")
+        accuracy = result.acc_norm
+    return val_loss, accuracy
+
+
 @torch.no_grad()
 def validation_loss(model, loader, runtime, steps):
-    """Mean loss over the first `steps` validation batches of every rank: the same batches each time."""
+    """Return the mean loss over the first `steps` validation batches of every rank (the same
+    batches each time), by the very loss definition training uses, without its gradients."""
     model.eval()
     loader.position = 0
     total = torch.zeros((), device=runtime.device)
     for _ in range(steps):
         x, y = to_device(loader.next_batch(), runtime)
         with runtime.autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         total += loss.detach()
     return all_ranks_mean(total / steps, runtime).item()
 
 
 def load_hellaswag(limit, runtime):
-    """HellaSwag rows for the periodic evaluation, or None: off (-1), or no data (one warning)."""
+    """Return the HellaSwag rows for the periodic evaluation, or None: off (-1), or no data (one warning)."""
     if limit < 0:
         return None
     import hellaswag  # imported only when HellaSwag is on
 
-    # rank 0 fetches the rows into the cache first, so the ranks never download side by side
-    examples = None
-    for turn in ("first", "then"):
-        if (turn == "first") == runtime.master:
-            try:
-                examples = hellaswag.load_examples(limit)
-            except hellaswag.HellaSwagUnavailable as error:
-                if runtime.master:
-                    print(f"Warning: HellaSwag evaluation skipped: {error}", file=sys.stderr, flush=True)
-        if runtime.ddp:
-            dist.barrier()
-    return examples
-
-
-def hellaswag_accuracy(model, runtime, examples):
-    """acc_norm on `examples`; hellaswag.py owns the scoring and shares it across the ranks."""
-    import hellaswag
-
-    result = hellaswag.evaluate(model, runtime, examples)
-    if runtime.master:
-        print(f"HellaSwag accuracy: {result.correct_norm}/{result.total}={result.acc_norm:.4f}")
-    return result.acc_norm
-
-
-def evaluate(model, val_loader, runtime, cfg, examples):
-    """(validation loss, HellaSwag acc_norm or None) of the current weights."""
-    val_loss = validation_loss(model, val_loader, runtime, cfg.val_steps)
-    if runtime.master:
-        print(f"validation loss: {val_loss:.4f}")
-    accuracy = hellaswag_accuracy(model, runtime, examples) if examples else None
-    return val_loss, accuracy
+    # rank 0 alone downloads the rows into the cache; the other ranks then read them from there
+    if runtime.distributed and not runtime.master:
+        dist.barrier()  # wait for rank 0's download
+    try:
+        rows = hellaswag.load_examples(limit)
+    except hellaswag.HellaSwagUnavailable as error:
+        rows = None
+        if runtime.master:
+            print(f"Warning: HellaSwag evaluation skipped: {error}", file=sys.stderr, flush=True)
+    if runtime.distributed and runtime.master:
+        dist.barrier()  # the download is done: let the others read
+    return rows
 
 
 def print_samples(model, runtime, seed, num_samples=4, max_new_tokens=32):
@@ -338,71 +422,13 @@ def print_samples(model, runtime, seed, num_samples=4, max_new_tokens=32):
         print(f"rank {runtime.rank} sample {i}: {tokenizer.decode(prompt + row)}")
 
 
-def peak_flops(cfg, runtime):
-    """Peak FLOP/s of one device for MFU: PEAK_TFLOPS, else the table of GPUs, else None."""
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    if runtime.device_type == "cuda":
-        name = torch.cuda.get_device_name(runtime.device)
-        for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-            if key in name:
-                return GPU_PEAK_TFLOPS[key] * 1e12
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
-# checkpoints and metrics
-
-def rng_state(runtime):
-    state = {"cpu": torch.get_rng_state()}
-    if runtime.device_type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
-    elif runtime.device_type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def restore_training_state(state, path, optimizer, scaler, loader, runtime, cfg):
-    """Optimizer, loss scale, data position and random numbers exactly as after update `step`."""
-    saved = dict(state["optimizer"])
-    scaler_state = saved.pop("grad_scaler", None)
-    try:
-        optimizer.load_state_dict(saved)
-        if scaler_state and scaler.is_enabled():
-            scaler.load_state_dict(scaler_state)
-        torch.set_rng_state(state["rng"]["cpu"])
-        if runtime.device_type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], runtime.device)
-        elif runtime.device_type == "mps" and "mps" in state["rng"]:
-            torch.mps.set_rng_state(state["rng"]["mps"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        reason = str(error).splitlines()[0]
-        raise UserError(f"{path} holds an optimizer state this model cannot use: {reason}") from None
-    optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # group 0 decays; WEIGHT_DECAY may have changed
-    loader.position = state["loader"] % loader.total
-
-
-def training_state(raw_model, optimizer, scaler, cfg, step, val_loss, loader, runtime):
-    """Only tensors and plain Python values, so every reader can load it with weights_only=True."""
-    optimizer_state = optimizer.state_dict()
-    if scaler.is_enabled():
-        optimizer_state["grad_scaler"] = scaler.state_dict()
-    return {
-        "model": raw_model.state_dict(),
-        "optimizer": optimizer_state,
-        "config": raw_model.config.shape(),
-        "train_config": asdict(cfg),
-        "step": step,
-        "val_loss": val_loss,
-        "loader": loader.position,
-        "rng": rng_state(runtime),
-    }
-
+# metrics and checkpoints
 
 def open_metrics(path, keep_through=None):
-    """metrics.csv opened for appending: a new file, or (on resume) the rows up to `keep_through`.
+    """Open metrics.csv for appending: a new file, or (on resume) the rows up to `keep_through`.
 
-    The kept rows are written to a temporary file that replaces the old one, so a crash here
+    The kept rows are written through a temporary file that replaces the old one, so a crash here
     never leaves a half-written metrics.csv.
     """
     rows = []
@@ -412,129 +438,21 @@ def open_metrics(path, keep_through=None):
             if next(reader, None) == METRICS_HEADER:
                 rows = [row for row in reader if len(row) == len(METRICS_HEADER) and row[0].isdigit()
                         and int(row[0]) <= keep_through]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(METRICS_HEADER)
         writer.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return open(path, "a", newline="")
 
 
-# ----------------------------------------------------------------------------------------------
-
-@cli
-def main():
-    # everything that can be wrong with the settings is found before any work starts
-    cfg = TrainConfig.from_env()
-    env_config = GPTConfig.from_env()
-    cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
-    path = resume_path(cfg)
-    state = load_resume_state(path, env_config, cfg) if path else None
-    shards.shard_paths(cfg.dataset_path, "train")
-    shards.shard_paths(cfg.dataset_path, "val")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw_model, shape_source = load_model(cfg, env_config, state, path)
-    if cfg.seq_length > raw_model.config.block_size:
-        raise UserError(f"SEQ_LENGTH ({cfg.seq_length}) must not exceed BLOCK_SIZE ({raw_model.config.block_size})")
-    if raw_model.config.vocab_size < GPT2_VOCAB_SIZE:
-        raise UserError(f"VOCAB_SIZE ({raw_model.config.vocab_size}) must be at least {GPT2_VOCAB_SIZE}, "
-                        "GPT-2's vocabulary, to train on GPT-2 tokens")
-    runtime = device.setup(cfg.device, cfg.dtype)
-    try:
-        train(cfg, runtime, raw_model, shape_source, state, path)
-    finally:
-        device.teardown()
-
-
-def train(cfg, runtime, raw_model, shape_source, state, path):
-    master = runtime.master
-    resuming_in_place = claim_log_dir(cfg, state, path, master)
-    use_compile = runtime.device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
-    world = runtime.world_size
-    grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_length * world)
-    if master:
-        print_configuration(raw_model.config, shape_source, cfg, runtime, use_compile)
-        if cfg.warmup_steps >= cfg.max_steps:
-            print(f"Warning: WARMUP_STEPS ({cfg.warmup_steps}) >= MAX_STEPS ({cfg.max_steps}): "
-                  "the whole run is warm-up, the learning rate never decays", file=sys.stderr, flush=True)
-        print(f"total desired batch size: {cfg.total_batch_size}")
-        print(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
-
-    train_loader = shards.TokenLoader(cfg.dataset_path, "train", cfg.batch_size, cfg.seq_length,
-                                      runtime.rank, world, verbose=master)
-    val_loader = shards.TokenLoader(cfg.dataset_path, "val", cfg.batch_size, cfg.seq_length,
-                                    runtime.rank, world, verbose=master)
-    raw_model.to(runtime.device)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master)
-    scaler = grad_scaler(runtime)
-    start_step, val_loss = 0, None
-    if state is not None:
-        restore_training_state(state, path, optimizer, scaler, train_loader, runtime, cfg)
-        start_step, val_loss = state["step"] + 1, state["val_loss"]
-        # RESUME wins over INIT_FROM: the run keeps the origin its first part recorded
-        started_from = state["train_config"].get("init_from", "scratch")
-        if master:
-            print(f"resuming from {path}: continuing at step {start_step}")
-            if is_set("INIT_FROM") and cfg.init_from != started_from:
-                print(f"RESUME is set: ignoring INIT_FROM={cfg.init_from} (this run started from {started_from})")
-        cfg.init_from = started_from
-        if master:
-            print_changes(cfg, state["train_config"])
-    elif cfg.init_from != "scratch" and master:
-        print(f"fine-tuning from {cfg.init_from}")
-
-    # compiled and DDP-wrapped for the updates; evaluation and sampling use raw_model, so
-    # neither has to live with the compiler's recompilations or DDP's hooks
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if runtime.ddp:
-        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
-    examples = load_hellaswag(cfg.hellaswag_limit, runtime)
-    metrics = open_metrics(os.path.join(cfg.log_dir, "metrics.csv"),
-                           state["step"] if resuming_in_place else None) if master else None
-    peak = peak_flops(cfg, runtime)
-    flops_per_token = raw_model.flops_per_token(cfg.seq_length)
-
-    for step in range(start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        measured = (None, None)
-        # an evaluation at step N sees the weights before update N: step 0 shows the untrained model
-        if step % cfg.eval_interval == 0:
-            measured = evaluate(raw_model, val_loader, runtime, cfg, examples)
-        if step > 0 and step % cfg.sample_interval == 0 and master:
-            print_samples(raw_model, runtime, cfg.seed)
-
-        t0 = time.perf_counter()
-        lr = get_lr(step, cfg)
-        loss, norm = train_step(model, optimizer, scaler, train_loader, runtime, grad_accum_steps, lr)
-        loss, norm = loss.item(), norm.item()  # waits for the device
-        dt = time.perf_counter() - t0
-        tokens_per_sec = cfg.total_batch_size / dt
-        mfu = flops_per_token * tokens_per_sec / (peak * world) if peak else None
-        if master:
-            print(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
-                  f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else ""), flush=True)
-
-        if last_step:  # the final weights, after the last update
-            measured = evaluate(raw_model, val_loader, runtime, cfg, examples)
-            if master:
-                print_samples(raw_model, runtime, cfg.seed)
-        if measured[0] is not None:
-            val_loss = measured[0]
-        if master:
-            csv.writer(metrics).writerow([step, loss, *measured, lr, norm, round(dt * 1000, 2),
-                                          round(tokens_per_sec, 1), round(mfu, 5) if mfu else None])
-            metrics.flush()
-            if (step + 1) % cfg.checkpoint_interval == 0 or last_step:
-                target = checkpoint.checkpoint_path(cfg.log_dir, step)
-                checkpoint.save(training_state(raw_model, optimizer, scaler, cfg, step, val_loss, train_loader,
-                                               runtime), target)
-                checkpoint.prune(cfg.log_dir, cfg.keep_checkpoints)
-                print(f"saved checkpoint {target}")
-    if master:
-        metrics.close()
+def save_checkpoint(run, step):
+    """Save the state after update `step` as $LOG_DIR/model_{step:05d}.pt, then prune the oldest."""
+    target = checkpoint.checkpoint_path(run.cfg.log_dir, step)
+    state = checkpoint.training_state(run.raw_model, run.optimizer, run.scaler, run.cfg, step, run.val_loss,
+                                      run.train_loader.position, run.runtime.device)
+    checkpoint.save(state, target)
+    checkpoint.prune(run.cfg.log_dir, run.cfg.keep_checkpoints)
+    print(f"saved checkpoint {target}")
 
 
 if __name__ == "__main__":

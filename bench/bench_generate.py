@@ -23,22 +23,24 @@ import torch
 
 from bench import report
 from device import setup
+from documents import question_prompt
 from env import cli
-from generate import QUESTION, question_prompt
+from generate import QUESTION
 from model import GPT, GPTConfig
-from sampling import SamplingConfig, make_generator, stream
+from sampling import make_generator, stream
+from settings import SamplingConfig
 from tokenizer import EOT, encode
 
 
 def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
     generator = make_generator(runtime.device, 0)
-    runtime.synchronize()
+    report.synchronize(runtime)
     start = time.perf_counter()
     with runtime.autocast():
         for _ in stream(model, prompt, new_tokens, num_samples=batch, generator=generator, use_cache=use_cache,
                         stop_at_eot=False, **SamplingConfig().options()):
             pass
-    runtime.synchronize()
+    report.synchronize(runtime)
     return batch * new_tokens / (time.perf_counter() - start)
 
 

@@ -19,8 +19,10 @@ each (the performance issue asks for them to agree within 0.02).
 """
 
 import argparse
+import ctypes
 import dataclasses
 import os
+import platform
 import tempfile
 import time
 
@@ -32,8 +34,9 @@ import shards
 import train
 from bench import report
 from bench.bench_matmul_peak import matmul_flops_per_s
-from env import UserError, cli, env_float
+from env import UserError, cli
 from model import GPT, GPTConfig
+from settings import TrainConfig, shared
 
 PARITY_TOLERANCE = 0.02  # nats: the default precision must learn like float32
 SHAPES = {"tiny": dict(n_layer=2, n_head=2, n_embd=128), "small": dict(n_layer=6, n_head=6, n_embd=384),
@@ -60,7 +63,7 @@ def make_model(name, runtime, use_compile, seq_length, seed):
 class Setup:
     """One configuration ready to step: the same objects train.py builds."""
 
-    keeps_freed_memory = True  # as device.setup() sets it for train.py
+    keeps_freed_memory = True  # as device.setup() sets it for train.py (device.keep_freed_memory)
 
     def __init__(self, name, runtime, dataset_path, use_compile, batch_size=8, seq_length=256, seed=1337):
         self.raw, self.model = make_model(name, runtime, use_compile, seq_length, seed)
@@ -79,7 +82,7 @@ class BuildNanogptStep:
     """The baseline: build-nanogpt's update as it runs on this device. The same model and autocast
     precision, but the full (tokens x 50,304) logits and F.cross_entropy on them, AdamW fused only on
     CUDA, the token stream as one torch tensor, and on the CPU glibc's allocator as an untuned process
-    has it (device.keep_freed_memory(keep=False))."""
+    has it (set_allocator(keep_freed=False))."""
 
     keeps_freed_memory = False
 
@@ -112,11 +115,30 @@ class BuildNanogptStep:
         return loss.item()
 
 
+def set_allocator(keep_freed):
+    """glibc's allocator as train.py sets it (keep_freed: device.keep_freed_memory), or as an untuned
+    process has it: the defaults at the most their self-adjustment reaches (the thresholds rise with
+    the buffers a process frees, up to 32 MiB mapped fresh each time), so that if anything the
+    baseline is flattered. They are set explicitly because any earlier mallopt of the trim or mmap
+    thresholds, as keep_freed_memory makes, stops that self-adjustment."""
+    if keep_freed:
+        return device.keep_freed_memory()
+    if platform.system() != "Linux":
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    settings = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all([bool(libc.mallopt(option, value)) for option, value in settings.items()])
+    except (OSError, AttributeError):
+        return False
+
+
 def timed_tokens_per_s(setup, steps, runtime):
     """One untimed step (the allocator settles after the other side ran), then `steps` timed ones."""
-    device.keep_freed_memory(keep=setup.keeps_freed_memory)
+    set_allocator(setup.keeps_freed_memory)
     setup.step()
-    runtime.synchronize()
+    report.synchronize(runtime)
     start = time.perf_counter()
     for _ in range(steps):
         setup.step()
@@ -131,7 +153,7 @@ def speed(args, runtime):
         setups = {(name, side): make(name, runtime, dataset_path, use_compile, args.batch_size, args.seq_length)
                   for name in args.configs for side, make in sides.items()}
         for setup in setups.values():
-            device.keep_freed_memory(keep=setup.keeps_freed_memory)
+            set_allocator(setup.keeps_freed_memory)
             for _ in range(args.warmup):
                 setup.step()
         runs = {key: [] for key in setups}
@@ -144,7 +166,7 @@ def speed(args, runtime):
                     runs[name, side].append(timed_tokens_per_s(setups[name, side], args.steps, runtime))
         device.keep_freed_memory()
     # PEAK_TFLOPS, else a GPU's data-sheet bf16 peak (as train.py), else the best matmul rate of this run
-    peak = train.peak_flops(train.TrainConfig(peak_tflops=env_float("PEAK_TFLOPS", 0.0)), runtime) or max(peaks)
+    peak = device.peak_flops(runtime, shared("peak_tflops")) or max(peaks)
     figures = {}
     for name in args.configs:
         raw = setups[name, "ours"].raw
@@ -221,7 +243,7 @@ def parity(args):
         raise UserError(f"the precision here ({default.device}, --dtype {args.dtype}) is float32 already: "
                         "nothing to compare; pass --dtype bfloat16 or float16")
     dataset_path = demo_dataset_path()
-    schedule = train.TrainConfig(max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=100)
+    schedule = TrainConfig(max_lr=3e-3, min_lr=3e-4, warmup_steps=10, max_steps=100)
     results = {}
     for runtime in (dataclasses.replace(default, dtype=torch.float32), default):
         print(f"{runtime.dtype_name}: {schedule.max_steps} updates of the tiny configuration...", flush=True)

@@ -33,6 +33,14 @@ def _int_from(text, minimum):
     return value
 
 
+def synchronize(runtime):
+    """Wait until the device has finished its queued work, so that a timer measures it."""
+    if runtime.device_type == "cuda":
+        torch.cuda.synchronize()
+    elif runtime.device_type == "mps":
+        torch.mps.synchronize()
+
+
 def spread(values):
     """min / median / max of repeated measurements."""
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}

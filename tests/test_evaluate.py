@@ -107,7 +107,7 @@ def test_bad_inputs_exit_with_one_line(log_dir, tmp_path, monkeypatch, capsys):
         assert re.match(f"Error: .*{name}", fails(monkeypatch, capsys, "--checkpoint", str(tmp_path / name)))
     assert "--limit must be" in fails(monkeypatch, capsys, "--limit", "-5")
     assert "--batch-size must be >= 1" in fails(monkeypatch, capsys, "--batch-size", "0")
-    fails(monkeypatch, capsys, "--variant", "harness", code=2)
+    fails(monkeypatch, capsys, "--variant", "harness", code=1)
     monkeypatch.setenv("HELLASWAG_LIMIT", "many")
     assert "HELLASWAG_LIMIT must be an integer" in fails(monkeypatch, capsys)
     monkeypatch.setenv("HELLASWAG_LIMIT", "10")

@@ -7,7 +7,7 @@ import torch
 import checkpoint
 import generate
 from model import GPT, GPTConfig
-from sampling import SamplingConfig
+from settings import SamplingConfig
 from sampling import generate as sample
 from tokenizer import EOT, decode, encode
 

@@ -14,7 +14,7 @@ import torch
 import checkpoint
 import prompt
 from model import GPT, GPTConfig
-from sampling import SamplingConfig
+from settings import SamplingConfig
 from tokenizer import EOT, encode, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
