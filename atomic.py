@@ -1,5 +1,5 @@
-"""Writing a file so that it is either complete or absent: checkpoints, shards, meta.json,
-metrics.csv and the HellaSwag download all go through `atomic_write`.
+"""A file written here is either complete or absent: checkpoints, shards, meta.json, metrics.csv
+and the HellaSwag download all go through `atomic_write`.
 
 A crash, a kill or a full disk in the middle of a write leaves at most a temporary file
 (`NAME.tmpPID`, which the next run may delete), never a half-written file under the real name.
@@ -10,7 +10,7 @@ import os
 
 
 def temporary_name(path):
-    """Where `atomic_write` writes before the rename: beside `path`, unique to this process."""
+    """Return where `atomic_write` writes before the rename: beside `path`, unique to this process."""
     return f"{path}.tmp{os.getpid()}"
 
 

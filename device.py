@@ -1,4 +1,5 @@
-"""Where the code runs: the device, the precision, the torchrun process group, and the device's peak speed.
+"""This module decides where the code runs: the device, the precision, the torchrun process group;
+and it knows the device's peak speed.
 
 train.py, evaluate.py, generate.py, prompt.py and the benchmarks all call `setup()`, so `DEVICE`,
 `DTYPE` and torchrun behave the same everywhere.
@@ -61,7 +62,7 @@ class Runtime:
 
 
 def cpu_has_native_bf16():
-    """True where the processor computes bf16 in hardware (AVX-512 BF16, AMX, Arm BF16)."""
+    """Return True where the processor computes bf16 in hardware (AVX-512 BF16, AMX, Arm BF16)."""
     if platform.system() == "Darwin":
         try:
             out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True)
@@ -129,19 +130,20 @@ def pick_dtype(device, requested="auto"):
     return torch.float32
 
 
-def setup(device="auto", dtype="auto"):
-    """Pick device and precision; under torchrun also join the process group (NCCL or gloo)."""
+def setup(device="auto", dtype="auto", group_of_one=False):
+    """Pick device and precision; under torchrun also join the process group (NCCL or gloo).
+    group_of_one: a single process gets a process group of its own too (FSDP shards over one)."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     chosen = pick_device(device, local_rank)
     runtime = Runtime(chosen, pick_dtype(chosen, dtype), rank, local_rank, world_size)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or group_of_one) and not dist.is_initialized():
+        backend = "nccl" if runtime.device_type == "cuda" else "gloo"
         if runtime.device_type == "cuda":
             torch.cuda.set_device(chosen)
-            dist.init_process_group(backend="nccl", device_id=torch.device(chosen))
-        else:
-            dist.init_process_group(backend="gloo")
+        one = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}  # no torchrun to meet at
+        dist.init_process_group(backend=backend, device_id=torch.device(chosen) if backend == "nccl" else None, **one)
     if runtime.device_type == "cpu":
         keep_freed_memory()
     if runtime.device_type == "cuda":
@@ -156,8 +158,8 @@ def teardown():
 
 
 def peak_flops(runtime, peak_tflops=0.0):
-    """Peak FLOP/s of one device, for MFU: `peak_tflops` (PEAK_TFLOPS) if set, else the GPU's data
-    sheet figure from GPU_PEAK_TFLOPS, else None (unknown: no MFU is shown)."""
+    """Return the peak FLOP/s of one device, for MFU: `peak_tflops` (PEAK_TFLOPS) if set, else the
+    GPU's data sheet figure from GPU_PEAK_TFLOPS, else None (unknown: no MFU is shown)."""
     if peak_tflops:
         return peak_tflops * 1e12
     if runtime.device_type == "cuda":

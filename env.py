@@ -1,4 +1,4 @@
-"""Reading settings from environment variables, and turning user mistakes into one clear line.
+"""This module reads settings from environment variables and turns user mistakes into one clear line.
 
 settings.py lists every setting as a dataclass field; `read()` fills such a dataclass from the
 environment, so `N_LAYER=abc` fails the same way everywhere: one line that names the variable,
@@ -18,7 +18,7 @@ class UserError(Exception):
 
 
 def reason(error):
-    """The first line of an exception's message (its type's name if it has none), for a one-line error."""
+    """Return the first line of an exception's message (its type's name if it has none), for a one-line error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -29,7 +29,7 @@ def _raw(name):
 
 
 def is_set(name):
-    """True when the variable holds a non-empty value."""
+    """Return True when the variable holds a non-empty value."""
     return _raw(name) is not None
 
 
@@ -39,7 +39,7 @@ def env_str(name, default):
 
 
 def env_int(name, default, minimum=1):
-    """An integer setting; scientific notation such as 1e8 is accepted when it is whole."""
+    """Read an integer setting; scientific notation such as 1e8 is accepted when it is whole."""
     value = _raw(name)
     if value is None:
         return default
@@ -78,13 +78,13 @@ OFF_WORDS = ("0", "false", "no", "off")
 
 
 def on_off(value):
-    """True, False, or None when `value` is no yes/no word: the one parser of on/off flags."""
+    """Return True, False, or None when `value` is no yes/no word: the one parser of on/off flags."""
     lowered = value.strip().lower()
     return True if lowered in ON_WORDS else False if lowered in OFF_WORDS else None
 
 
 def env_flag(name, default=False):
-    """A yes/no setting: 1/true/yes/on or 0/false/no/off; anything else is a UserError."""
+    """Read a yes/no setting: 1/true/yes/on or 0/false/no/off; anything else is a UserError."""
     value = _raw(name)
     if value is None:
         return default
@@ -94,7 +94,7 @@ def env_flag(name, default=False):
 
 
 def setting(default, minimum=None):
-    """A settings field whose smallest allowed value is not the usual one (1 for int, 0 for float)."""
+    """Declare a settings field whose smallest allowed value is not the usual one (1 for int, 0 for float)."""
     return dataclasses.field(default=default, metadata={"minimum": minimum})
 
 
@@ -102,7 +102,7 @@ READERS = {int: env_int, float: env_float, str: env_str, bool: env_flag}
 
 
 def read(cls, only=None):
-    """The settings dataclass `cls`, each field read from the variable of its name in capitals
+    """Fill the settings dataclass `cls`, each field from the variable of its name in capitals
     (only the fields named in `only`, when given: the others keep their defaults)."""
     values = {}
     for field in dataclasses.fields(cls):

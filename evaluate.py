@@ -1,4 +1,4 @@
-"""The full HellaSwag report for a checkpoint (or a Hugging Face GPT-2).
+"""Print the full HellaSwag report of a checkpoint (or of a Hugging Face GPT-2).
 
     uv run evaluate.py --checkpoint log/model_19072.pt [--limit 500] [--variant lm-eval]
     uv run evaluate.py --hf-model gpt2

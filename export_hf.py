@@ -15,7 +15,7 @@ import shutil
 import tempfile
 
 from checkpoint import load_model, resolve_path
-from env import ArgumentParser, UserError, cli
+from env import ArgumentParser, UserError, cli, reason
 from model import GPT2_VOCAB_SIZE
 from tokenizer import EOT, bpe_files, encode
 
@@ -80,7 +80,7 @@ def write_export(model, out):
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".export_hf-", dir=parent)
     except OSError as error:
-        raise UserError(f"cannot write {out}: {error.strerror or error}") from None
+        raise UserError(f"cannot write {out}: {error.strerror or reason(error)}") from None
     try:
         # one file even for gpt2-xl (6 GB), as on the Hub: an older transformers would shard at 5 GB
         hf_model.save_pretrained(staging, max_shard_size="50GB")
@@ -94,7 +94,7 @@ def write_export(model, out):
         for name in names:
             os.replace(os.path.join(staging, name), os.path.join(out, name))
     except OSError as error:
-        raise UserError(f"cannot write {out}: {error.strerror or error}") from None
+        raise UserError(f"cannot write {out}: {error.strerror or reason(error)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return names

@@ -9,11 +9,10 @@ settings.SamplingConfig; DEVICE and DTYPE pick the device and precision as in tr
 """
 
 import checkpoint
-import device
 from documents import question_prompt
 from env import cli
 from sampling import generate, make_generator
-from settings import SamplingConfig, shared
+from settings import SamplingConfig
 from tokenizer import EOT, decode, encode
 
 PROMPT = "What is the relationship between kinetic and potential energy in a"
@@ -32,11 +31,7 @@ def complete(model, text, settings, generator):
 def main():
     settings = SamplingConfig.from_env()
     print("Starting model generation demo...")
-    runtime = device.setup(shared("device"), shared("dtype"))
-    print(f"Using device: {runtime.device}")
-    path = checkpoint.model_path_from_env()
-    print("Loading checkpoint...")
-    model, _ = checkpoint.load_model(path, runtime.device, say=print)
+    model, runtime = checkpoint.load_testing_model()
     generator = make_generator(runtime.device, settings.seed)
     with runtime.autocast():  # one context: the low-precision copy of the weights is made once
         print("\nExample 1: Direct text generation")

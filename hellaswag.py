@@ -134,7 +134,7 @@ def read_rows(path, limit=0):
                 if len(rows) == limit:
                     break
     except (OSError, UnicodeDecodeError) as error:
-        raise HellaSwagUnavailable(f"cannot read HellaSwag file {path}: {error}") from None
+        raise HellaSwagUnavailable(f"cannot read HellaSwag file {path}: {reason(error)}") from None
     if not rows:
         raise HellaSwagUnavailable(f"{path} holds no HellaSwag rows")
     return rows

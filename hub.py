@@ -19,14 +19,17 @@ def endpoint():
     return HubConfig.from_env().hf_endpoint
 
 
-@functools.cache
 def reachable(url=None, timeout=5.0):
     """Return True when a TCP connection to the host of `url` (default: the Hub's endpoint) opens
-    within `timeout` seconds; always False under HF_HUB_OFFLINE."""
+    within `timeout` seconds; always False under HF_HUB_OFFLINE. Each address is asked once."""
     config = HubConfig.from_env()
-    if config.offline:
-        return False
-    parsed = urlparse(url or config.hf_endpoint)
+    return not config.offline and answers(url or config.hf_endpoint, timeout)
+
+
+@functools.cache
+def answers(url, timeout):
+    """Return True when a TCP connection to the host of `url` opens within `timeout` seconds."""
+    parsed = urlparse(url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
         socket.create_connection((parsed.hostname, port), timeout=timeout).close()

@@ -6,7 +6,7 @@
 
 import sys
 
-from env import UserError, cli
+from env import UserError, cli, read
 from settings import DataConfig
 from shards import SPLITS, load_shard, read_meta, shard_paths
 from tokenizer import decode
@@ -21,7 +21,7 @@ def main():
     if len(sys.argv) > 1:
         dataset_path = sys.argv[1]
     else:
-        config = DataConfig.from_env()
+        config = read(DataConfig, only=["peek_dataset_path", "dataset_path"])
         dataset_path = config.peek_dataset_path or config.dataset_path
     meta = read_meta(dataset_path)
     first = load_shard(shard_paths(dataset_path, "train", meta)[0])

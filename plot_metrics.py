@@ -10,31 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt
-import pandas as pd
-
+import metrics
 import settings
-from env import UserError, cli, reason
-
-COLUMNS = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"]
-
-
-def read_metrics(path):
-    """Return metrics.csv as a DataFrame; raise a UserError when it is missing, empty or not train.py's."""
-    if not os.path.isfile(path):
-        raise UserError(f"no metrics at {path}: run train.py first (it writes metrics.csv into LOG_DIR)")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        frame = pd.DataFrame()
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not a metrics.csv written by train.py: {reason(error)}") from None
-    if frame.empty:
-        raise UserError(f"{path} holds no rows yet: let train.py finish at least one step")
-    missing = [name for name in COLUMNS if name not in frame.columns]
-    if missing:
-        raise UserError(f"{path} is not a metrics.csv written by train.py (no column {missing[0]})")
-    return frame
-
+from env import cli
 
 def plot(frame, out_path):
     """Draw the four panels of these metrics into the image file out_path."""
@@ -85,7 +63,7 @@ def plot(frame, out_path):
 @cli
 def main():
     log_dir = settings.shared("log_dir")
-    frame = read_metrics(os.path.join(log_dir, "metrics.csv"))
+    frame = metrics.read(os.path.join(log_dir, "metrics.csv"))
     out_path = os.path.join(log_dir, "training_metrics.png")
     plot(frame, out_path)
     print(f"saved {out_path}")

@@ -12,11 +12,10 @@ import codecs
 import sys
 
 import checkpoint
-import device
 from documents import NEXT_QUESTION, question_prompt
 from env import cli
 from sampling import make_generator, stream
-from settings import SamplingConfig, shared
+from settings import SamplingConfig
 from tokenizer import EOT, encode, get_encoding
 
 BANNER = """
@@ -113,11 +112,7 @@ def repl(model, settings, generator):
 def main():
     settings = SamplingConfig.from_env()
     print("Loading model...")
-    runtime = device.setup(shared("device"), shared("dtype"))
-    print(f"Using device: {runtime.device}")
-    path = checkpoint.model_path_from_env()
-    print("Loading checkpoint...")
-    model, _ = checkpoint.load_model(path, runtime.device, say=print)
+    model, runtime = checkpoint.load_testing_model()
     with runtime.autocast():  # for the whole session: the low-precision copy of the weights is made once
         repl(model, settings, make_generator(runtime.device, settings.seed))
 

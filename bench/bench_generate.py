@@ -10,10 +10,9 @@ in the opposite order every other round, so that machine noise hits both alike; 
 within each pair. Where the default precision is not float32 (bf16
 autocast on CPUs with native bf16, CUDA), cached float32 joins the batch-1 rounds as a third side.
 On a machine other processes keep busy, `--threads 1` avoids parallel kernels waiting for a thread
-the OS has put aside (measured here: a bf16 matrix-vector product 100x slower on 2 busy cores).
+the OS has put aside.
 """
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -24,7 +23,7 @@ import torch
 from bench import report
 from device import setup
 from documents import question_prompt
-from env import cli
+from env import ArgumentParser, cli
 from generate import QUESTION
 from model import GPT, GPTConfig
 from sampling import make_generator, stream
@@ -46,7 +45,7 @@ def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=report.positive_int, default=2, help="rounds at batch 1")
     parser.add_argument("--repeats-batch-4", type=report.non_negative_int, default=1, help="rounds at batch 4 (its uncached run is the longest; 0 skips it)")
     parser.add_argument("--new-tokens", type=report.positive_int, default=200)

@@ -10,7 +10,6 @@ alternating sides every repeat. Also reports how often the batched path's predic
 precision agree with its fp32 ones.
 """
 
-import argparse
 import dataclasses
 import os
 import time
@@ -22,7 +21,8 @@ import device
 import hellaswag
 from bench import report
 from bench.build_nanogpt import reference_scores
-from env import UserError, cli
+from env import ArgumentParser, UserError, cli
+from settings import HellaSwagFiles
 from model import GPT, GPTConfig
 
 CONFIGS = {  # block 1024: HellaSwag contexts can be long
@@ -64,7 +64,7 @@ def examples_per_s(run, rows, runtime):
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=report.positive_int, default=96, help="real rows scored per repeat, spread over the file")
     parser.add_argument("--repeats", type=report.positive_int, default=3)
     parser.add_argument("--configs", default="small,124M")
@@ -76,7 +76,7 @@ def main():
     unknown = [name for name in configs if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown configuration {unknown[0]!r}: choose from {', '.join(CONFIGS)}")
-    if not os.environ.get("HELLASWAG_PATH"):
+    if not HellaSwagFiles.from_env().hellaswag_path:
         if not SHARED_ROWS.is_file():
             raise UserError(f"no HellaSwag rows at {SHARED_ROWS}: set HELLASWAG_PATH to a hellaswag_val.jsonl")
         os.environ["HELLASWAG_PATH"] = str(SHARED_ROWS)

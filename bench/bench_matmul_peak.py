@@ -6,14 +6,13 @@ Square matmuls, large enough to run at full speed, in each precision the trainin
 fp32 and bf16 everywhere; also fp16 and TF32 on CUDA.
 """
 
-import argparse
 import time
 
 import torch
 
 from bench import report
 from device import pick_device
-from env import cli
+from env import ArgumentParser, cli
 
 
 def matmul_flops_per_s(size, dtype, device, tf32=False, seconds=0.5):
@@ -41,7 +40,7 @@ def matmul_flops_per_s(size, dtype, device, tf32=False, seconds=0.5):
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=report.positive_int, default=2048)
     parser.add_argument("--repeats", type=report.positive_int, default=7)
     parser.add_argument("--device", default="auto")

@@ -13,7 +13,6 @@ record); file pages of `datasets`' memory-mapped Arrow files do, and the OS recl
 table and writes bench/results/tokenize.json.
 """
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -28,7 +27,7 @@ import numpy as np
 
 import dataset
 from bench import report
-from env import UserError, cli
+from env import ArgumentParser, UserError, cli
 from tokenizer import EOT, get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +109,7 @@ def measure_build(text_path, shard_size, workdir):
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=report.positive_int, default=5)
     parser.add_argument("--copies", type=report.positive_int, default=8, help="copies of tiny shakespeare to tokenize")
     parser.add_argument("--build-copies", type=report.positive_int, nargs="+", default=[8, 64, 256],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmarks on a CUDA machine, in one go (under 5 minutes on an H100/H200):
+# The benchmarks on a CUDA machine, in one go (a few minutes):
 # 124M training at BATCH_SIZE=64 SEQ_LENGTH=1024 in bf16 with torch.compile, HellaSwag scoring of
 # the real rows, and generation with and without the key/value cache.
 #

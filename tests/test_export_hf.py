@@ -40,9 +40,9 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    hub.reachable.cache_clear()
+    hub.answers.cache_clear()
     yield
-    hub.reachable.cache_clear()
+    hub.answers.cache_clear()
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,12 @@ import pytest
 import torch
 
 import checkpoint
+import metrics
 import plot_metrics
 import shards
 import tokenizer
 import train
+from settings import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,7 @@ TRAIN_VARIABLES = [
     "BLOCK_SIZE", "VOCAB_SIZE", "N_LAYER", "N_HEAD", "N_EMBD", "DROPOUT", "TOTAL_BATCH_SIZE", "BATCH_SIZE",
     "SEQ_LENGTH", "MAX_LR", "MIN_LR", "WARMUP_STEPS", "MAX_STEPS", "WEIGHT_DECAY", "DATASET_PATH", "LOG_DIR",
     "EVAL_INTERVAL", "VAL_STEPS", "HELLASWAG_LIMIT", "SAMPLE_INTERVAL", "CHECKPOINT_INTERVAL",
-    "KEEP_CHECKPOINTS", "SEED", "DEVICE", "DTYPE", "COMPILE", "RESUME", "FORCE", "PEAK_TFLOPS", "INIT_FROM",
+    "KEEP_CHECKPOINTS", "SEED", "DEVICE", "DTYPE", "COMPILE", "RESUME", "FORCE", "PEAK_TFLOPS", "INIT_FROM", "PARALLEL",
     "RANK", "LOCAL_RANK", "WORLD_SIZE",
 ]
 TINY = dict(
@@ -43,27 +45,6 @@ TINY = dict(
     KEEP_CHECKPOINTS="0", HELLASWAG_LIMIT="-1", COMPILE="0", DTYPE="float32", DEVICE="cpu",
 )
 CHECKPOINT_KEYS = {"model", "optimizer", "config", "train_config", "step", "val_loss", "loader", "rng"}
-
-
-@pytest.fixture(scope="module")
-def token_dataset(tmp_path_factory):
-    """A small learnable dataset (templated sums) in shards.py's format: 3 train shards, 1 val."""
-    path = tmp_path_factory.mktemp("tokens")
-    rng = random.Random(0)
-    ids = []
-    for _ in range(1500):
-        a, b = rng.randint(1, 99), rng.randint(1, 99)
-        ids += [tokenizer.EOT, *tokenizer.encode(f"Question: What is {a} plus {b}?\nAnswer: {a + b}.")]
-    ids = np.array(ids, dtype=np.uint16)
-    splits = {"val": [ids[:3000]], "train": np.array_split(ids[3000:], 3)}
-    meta = {"splits": {}}
-    for split, pieces in splits.items():
-        names = [shards.shard_name(split, i) for i in range(len(pieces))]
-        for name, piece in zip(names, pieces):
-            np.save(path / name, piece)
-        meta["splits"][split] = {"shards": names, "tokens": int(sum(map(len, pieces))), "documents": 0}
-    shards.write_meta(str(path), meta)
-    return str(path)
 
 
 def set_env(mp, dataset, log_dir, **overrides):
@@ -116,7 +97,7 @@ def test_loss_goes_down_with_the_original_log_lines(demo_dataset, tmp_path, monk
     assert "| mfu: " in out
 
     rows = read_metrics(tmp_path)
-    assert list(rows[0]) == train.METRICS_HEADER
+    assert list(rows[0]) == metrics.COLUMNS
     assert [int(r["step"]) for r in rows] == list(range(15))
     losses = [float(r["loss"]) for r in rows]
     assert sum(losses[-3:]) / 3 < losses[0] - 1.5
@@ -129,7 +110,7 @@ def test_loss_goes_down_with_the_original_log_lines(demo_dataset, tmp_path, monk
 
 
 def test_cosine_schedule():
-    cfg = train.TrainConfig(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    cfg = TrainConfig(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
     assert train.get_lr(0, cfg) == pytest.approx(0.1)
     assert train.get_lr(9, cfg) == pytest.approx(1.0)
     assert train.get_lr(60, cfg) == pytest.approx(0.55)
@@ -201,7 +182,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(reference_run, toke
     assert "continuing at step 3" in capsys.readouterr().out
     expected = read_metrics(reference_run)
     resumed = read_metrics(tmp_path)
-    assert list(resumed[0]) == train.METRICS_HEADER  # a new metrics.csv in a new LOG_DIR
+    assert list(resumed[0]) == metrics.COLUMNS  # a new metrics.csv in a new LOG_DIR
     assert deterministic_columns(resumed) == deterministic_columns(expected[3:])
     a = checkpoint.load(str(reference_run / "model_00005.pt"))
     b = checkpoint.load(str(tmp_path / "model_00005.pt"))
@@ -437,7 +418,7 @@ def test_plot_metrics_writes_a_png(reference_run, tmp_path, monkeypatch):
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
 
 
-@pytest.mark.parametrize("content", [None, "", ",".join(train.METRICS_HEADER) + "\n"])
+@pytest.mark.parametrize("content", [None, "", ",".join(metrics.COLUMNS) + "\n"])
 def test_plot_metrics_on_a_missing_or_empty_csv(tmp_path, monkeypatch, capsys, content):
     if content is not None:
         (tmp_path / "metrics.csv").write_text(content)

@@ -1,0 +1,52 @@
+"""metrics.csv: one row per update, written by train.py, drawn by plot_metrics.py.
+
+Its columns are COLUMNS; `val_loss` and `hellaswag_acc` are filled where they were measured.
+"""
+
+import csv
+import os
+
+from atomic import atomic_write
+from env import UserError, reason
+
+COLUMNS = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"]
+
+
+def open_for_run(path, keep_through=None):
+    """Open metrics.csv for appending: a new file, or (on resume) the rows up to `keep_through`.
+
+    The kept rows are written through a temporary file that replaces the old one, so a crash here
+    never leaves a half-written metrics.csv.
+    """
+    rows = []
+    if keep_through is not None and os.path.isfile(path):
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if next(reader, None) == COLUMNS:
+                rows = [row for row in reader if len(row) == len(COLUMNS) and row[0].isdigit()
+                        and int(row[0]) <= keep_through]
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    return open(path, "a", newline="")
+
+
+def read(path):
+    """Return metrics.csv as a DataFrame; raise a UserError when it is missing, empty or not train.py's."""
+    import pandas  # only plot_metrics.py reads it back: train.py starts without pandas
+
+    if not os.path.isfile(path):
+        raise UserError(f"no metrics at {path}: run train.py first (it writes metrics.csv into LOG_DIR)")
+    try:
+        frame = pandas.read_csv(path)
+    except pandas.errors.EmptyDataError:
+        frame = pandas.DataFrame()
+    except (pandas.errors.ParserError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not a metrics.csv written by train.py: {reason(error)}") from None
+    if frame.empty:
+        raise UserError(f"{path} holds no rows yet: let train.py finish at least one step")
+    missing = [name for name in COLUMNS if name not in frame.columns]
+    if missing:
+        raise UserError(f"{path} is not a metrics.csv written by train.py (no column {missing[0]})")
+    return frame
