@@ -1,71 +1,157 @@
-"""Checkpoints: what one holds, saving, finding, and loading it; the one owner every script goes through.
+"""This module owns checkpoints: what one holds, saving, finding and loading it; every script goes through it.
 
-A checkpoint is `$LOG_DIR/model_{step:05d}.pt`, the state after update `step`: the weights and
-shape, and everything train.py needs to continue the run exactly (`training_state`,
-`restore_training_state`). It holds only tensors and plain Python values, so every reader uses
-`torch.load(weights_only=True)`: a file that would run code when unpickled is refused instead of
-executed. Inference scripts call `load_model`.
+A checkpoint is the state after update `step`: the weights and shape, and everything train.py
+needs to continue the run exactly (`training_state`, `restore_training_state`). It comes in two
+forms, and every reader takes both:
+- `$LOG_DIR/model_{step:05d}.pt`, one file written by rank 0 (one process, or DDP);
+- `$LOG_DIR/model_{step:05d}.dcp/`, written by every rank at once under FSDP: a Distributed
+  Checkpoint (torch.distributed.checkpoint) of the weights' and optimizer's tensors, each rank its
+  own shard, and beside them `train_state.pt` with the rest (step, configs, loader position, RNG).
+Both hold only tensors and plain Python values, read with `torch.load(weights_only=True)` and a
+restricted unpickler for DCP's `.metadata`: a file that would run code when unpickled is refused
+instead of executed. Inference scripts call `load_model`.
 """
 
+import io
 import os
 import pickle
 import re
+import shutil
 import warnings
 import zipfile
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 
 import settings
 from atomic import atomic_write
+from device import setup as setup_device
 from env import UserError, read, reason
 from model import GPT, GPTConfig
 
-NAME = re.compile(r"^model_(\d{5,})\.pt$")
-TEMPORARY = re.compile(r"^model_\d{5,}\.pt\.tmp\d+$")  # what atomic_write leaves when killed mid-write
+NAME = re.compile(r"^model_(\d{5,})\.(pt|dcp)$")
+# what a killed save leaves: atomic_write's file (model_NNNNN.pt.tmpPID), or the DCP folder being written
+TEMPORARY = re.compile(r"^model_\d{5,}\.(pt\.tmp\d+|dcp\.tmp)$")
+TRAIN_STATE = "train_state.pt"  # in a .dcp folder: everything but the tensors
 
 
-def checkpoint_path(log_dir, step):
-    return os.path.join(log_dir, f"model_{step:05d}.pt")
+def checkpoint_path(log_dir, step, sharded=False):
+    return os.path.join(log_dir, f"model_{step:05d}.{'dcp' if sharded else 'pt'}")
+
+
+def is_sharded(path):
+    """Return True for a .dcp checkpoint folder (DCP's .metadata is written last, so a complete one has it)."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
 
 
 def list_checkpoints(log_dir):
-    """(step, path) of every checkpoint in log_dir, oldest first."""
+    """Return (step, path) of every checkpoint in log_dir, oldest first. A step saved in both forms
+    is listed once, as its .pt file."""
     if not os.path.isdir(log_dir):
         return []
-    found = [(int(m.group(1)), os.path.join(log_dir, name)) for name in os.listdir(log_dir) if (m := NAME.match(name))]
-    return sorted(found)
+    found = {}
+    for name in sorted(os.listdir(log_dir)):  # "model_N.pt" after "model_N.dcp": the .pt wins
+        path = os.path.join(log_dir, name)
+        if (m := NAME.match(name)) and (m.group(2) == "pt" or is_sharded(path)):
+            found[int(m.group(1))] = path
+    return sorted(found.items())
 
 
 def latest_checkpoint(log_dir):
-    """Path of the newest (largest step) checkpoint in log_dir, or None."""
+    """Return the path of the newest (largest step) checkpoint in log_dir, or None."""
     found = list_checkpoints(log_dir)
     return found[-1][1] if found else None
 
 
-def save(state, path):
-    """Write `state` to `path` through a temporary file: a crash mid-write never leaves a broken model_*.pt."""
-    with atomic_write(path) as f:
-        torch.save(state, f)
-
-
-def prune(log_dir, keep):
-    """Delete all but the newest `keep` checkpoints (0 keeps all). Only files named model_NNNNN.pt
-    are ever considered, so nothing else in log_dir is touched."""
-    for _, path in list_checkpoints(log_dir)[:-keep] if keep > 0 else []:
+def delete(path):
+    """Delete a checkpoint of either form."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
         os.remove(path)
 
 
+def prune(log_dir, keep):
+    """Delete all but the newest `keep` checkpoints (0 keeps all), both forms of each step. Only
+    names of the form model_NNNNN.pt and model_NNNNN.dcp are ever considered, so nothing else in
+    log_dir is touched."""
+    for step, _ in list_checkpoints(log_dir)[:-keep] if keep > 0 else []:
+        for sharded in (False, True):
+            if os.path.exists(path := checkpoint_path(log_dir, step, sharded)):
+                delete(path)
+
+
 def remove_stale_temporaries(log_dir):
-    """Delete half-written checkpoints (model_NNNNN.pt.tmpPID) a killed run left behind."""
+    """Delete the half-written checkpoints a killed run left behind."""
     if os.path.isdir(log_dir):
         for name in os.listdir(log_dir):
             if TEMPORARY.match(name):
-                os.remove(os.path.join(log_dir, name))
+                delete(os.path.join(log_dir, name))
 
 
-def load(path):
-    """The checkpoint's dictionary, on the CPU. Anything that is not one of ours is a UserError."""
+# ----------------------------------------------------------------------------------------------
+# saving
+
+def save(state, path):
+    """Write the training state to `path`: a .pt file (call it on rank 0 only), or a .dcp folder
+    (call it on every rank: each writes its shards). Either is written under a temporary name and
+    renamed when complete, so a crash mid-write never leaves a broken checkpoint."""
+    if not os.fspath(path).endswith(".dcp"):
+        with atomic_write(path) as f:
+            torch.save(state, f)
+        return
+    import torch.distributed.checkpoint as dcp
+
+    tensors, rest = split_tensors(state)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = os.fspath(path)
+    tmp = path + ".tmp"  # one name every rank agrees on
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()  # the old temporary is gone before anyone writes
+    # dcp.save returns on rank 0 only after every rank has written its shards and rank 0 the .metadata
+    dcp.save(tensors, checkpoint_id=tmp)
+    if rank == 0:
+        with atomic_write(os.path.join(tmp, TRAIN_STATE)) as f:
+            torch.save(rest, f)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()  # nobody goes on (to prune, or to the next save) before the rename
+
+
+def split_tensors(state):
+    """Split a training state into the tensors DCP writes ({flat name: tensor}: the weights and the
+    optimizer's per-parameter state) and the rest, plain values for train_state.pt."""
+    rest = {key: value for key, value in state.items() if key not in ("model", "optimizer")}
+    tensors = {f"model.{name}": tensor for name, tensor in state["model"].items()}
+    for index, per_parameter in state["optimizer"]["state"].items():
+        tensors.update({f"optimizer.{index}.{key}": value for key, value in per_parameter.items()})
+    rest["optimizer"] = {key: value for key, value in state["optimizer"].items() if key != "state"}
+    return tensors, rest
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+def load(path, with_optimizer=True):
+    """Return the checkpoint's dictionary, on the CPU, whatever its form: the same keys for both
+    (a .dcp's optimizer state is read only `with_optimizer`). Anything that is not one of ours is a
+    UserError."""
+    if os.path.isdir(path):
+        state = load_sharded(path, with_optimizer)
+    else:
+        state = torch_load(path)
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
+    return state
+
+
+def torch_load(path):
+    """Read a file torch.save wrote, refusing anything but tensors and plain values."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     if not os.access(path, os.R_OK):
@@ -73,7 +159,7 @@ def load(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols say nothing to a user
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # weights_only refuses any class or function reference instead of importing it
         blocked = re.search(r"GLOBAL (\S+)", str(error))
@@ -88,9 +174,89 @@ def load(path):
         raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {why})") from None
     except Exception:  # bytes that are no pickle at all trip the unpickler in many ways
         raise UserError(f"{path} is not a checkpoint (its contents are not a PyTorch save file)") from None
-    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
-        raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
+
+
+def load_sharded(path, with_optimizer):
+    """Read a .dcp folder whole, with no process group (DCP reassembles the shards), into the
+    dictionary a .pt file holds."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not is_sharded(path):
+        raise UserError(f"{path} is not a checkpoint (a folder without DCP's .metadata: an unfinished save?)")
+    reader = safe_reader(path)
+    tensors = {}
+    for key, item in reader.read_metadata().state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):  # DCP would unpickle it, running whatever it holds
+            raise UserError(f"{path} is not a safe checkpoint: {key} is not a tensor, so it was refused")
+        if key.startswith("model.") or with_optimizer:
+            tensors[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP's note that it loads in one process: that is the intent
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
+    except Exception as error:  # a missing or truncated shard file
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason(error)})") from None
+    state = torch_load(os.path.join(path, TRAIN_STATE))
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a checkpoint written by train.py (its {TRAIN_STATE} is no dictionary)")
+    state["model"] = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
+    if with_optimizer and isinstance(state.get("optimizer"), dict):
+        per_parameter = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                index, name = key[len("optimizer."):].split(".", 1)
+                per_parameter.setdefault(int(index), {})[name] = value
+        state["optimizer"]["state"] = per_parameter
     return state
+
+
+# DCP's .metadata is a pickle; these are the only things it may name
+SAFE_METADATA = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "ChunkStorageMetadata",
+                                              "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "torch": {"Size"},
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that builds DCP's metadata classes, torch dtypes and nothing else."""
+
+    def find_class(self, module, name):
+        if name in SAFE_METADATA.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                      torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
+
+
+def safe_reader(path):
+    """DCP's file reader, but its .metadata goes through SafeUnpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self):
+            try:
+                with open(os.path.join(path, ".metadata"), "rb") as f:
+                    metadata = SafeUnpickler(io.BytesIO(f.read())).load()
+            except pickle.UnpicklingError as error:
+                blocked = re.search(r"GLOBAL (\S+)", str(error))
+                what = f"unpickling its .metadata would load {blocked.group(1)}" if blocked else "its .metadata is corrupt"
+                raise UserError(f"{path} is not a safe checkpoint: {what}, so it was refused") from None
+            except Exception as error:
+                raise UserError(f"{path} is not a readable checkpoint (its .metadata: {reason(error)})") from None
+            if not isinstance(metadata, Metadata):
+                raise UserError(f"{path} is not a checkpoint (its .metadata holds no DCP metadata)")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeFileSystemReader(path)
 
 
 def build_model(state, path="checkpoint", dropout=0.0):
@@ -104,12 +270,15 @@ def build_model(state, path="checkpoint", dropout=0.0):
     return model
 
 
-def load_model(path, device="cpu", say=None):
-    """Load the checkpoint at `path` for inference, as every script does: return the model, in eval
-    mode on `device`, and the checkpoint's dictionary. `say` prints the progress lines, if given."""
+def load_model(path, device="cpu", say=None, say_loaded=False):
+    """Load the checkpoint at `path` (a .pt file or a .dcp folder) for inference, as every script
+    does: return the model, in eval mode on `device`, and the checkpoint's dictionary (without the
+    optimizer's tensors). `say` prints the progress lines, if given; `say_loaded` adds the line
+    that names the file once it is read."""
     say = say or (lambda text: None)
-    state = load(path)
-    say(f"Loaded checkpoint from {path}")
+    state = load(path, with_optimizer=False)
+    if say_loaded:
+        say(f"Loaded checkpoint from {path}")
     say("Initializing model...")
     model = build_model(state, path).to(device).eval()
     say("Model loaded successfully!")
@@ -117,9 +286,10 @@ def load_model(path, device="cpu", say=None):
 
 
 def resolve_path(path, hint):
-    """Return the checkpoint file to use: `path` itself, the newest one in the folder `path`, or the
-    newest in LOG_DIR when `path` is empty. `hint` ends the error when there is none."""
-    if path and not os.path.isdir(path):
+    """Return the checkpoint to use: `path` itself (a .pt file or a .dcp folder), the newest one in
+    the folder `path`, or the newest in LOG_DIR when `path` is empty. `hint` ends the error when
+    there is none."""
+    if path and (not os.path.isdir(path) or path.rstrip("/").endswith(".dcp")):
         return path
     folder = path or settings.shared("log_dir")
     newest = latest_checkpoint(folder)
@@ -135,6 +305,18 @@ def model_path_from_env():
     return resolve_path(chosen, "train one with train.py, or set TESTING_MODEL_PATH")
 
 
+
+def load_testing_model():
+    """Load the model generate.py and prompt.py talk to, printing their progress lines: the
+    checkpoint of TESTING_MODEL_PATH (or the newest in LOG_DIR) on DEVICE, in DTYPE. Returns
+    (model, runtime)."""
+    runtime = setup_device(settings.shared("device"), settings.shared("dtype"))
+    print(f"Using device: {runtime.device}")
+    path = model_path_from_env()
+    print("Loading checkpoint...")
+    model, _ = load_model(path, runtime.device, say=print, say_loaded=True)
+    return model, runtime
+
 # ----------------------------------------------------------------------------------------------
 # the training state: what RESUME needs beyond the weights to continue a run exactly
 
@@ -142,7 +324,7 @@ TRAINING_KEYS = {"optimizer": dict, "step": int, "loader": int, "rng": dict, "tr
 
 
 def training_state(model, optimizer, scaler, train_config, step, val_loss, loader_position, device):
-    """Everything after update `step`, as tensors and plain Python values only (weights_only=True reads it)."""
+    """Return everything after update `step`, as tensors and plain Python values only (weights_only=True reads it)."""
     optimizer_state = optimizer.state_dict()
     if scaler.is_enabled():
         optimizer_state["grad_scaler"] = scaler.state_dict()  # the fp16 loss scale
@@ -181,7 +363,7 @@ def restore_training_state(state, path, optimizer, scaler, loader, device, weigh
     saved = dict(state["optimizer"])
     scaler_state = saved.pop("grad_scaler", None)
     try:
-        optimizer.load_state_dict(saved)
+        optimizer.load_state_dict(shard_like_parameters(saved, optimizer))
         if scaler_state and scaler.is_enabled():
             scaler.load_state_dict(scaler_state)
         torch.set_rng_state(state["rng"]["cpu"])
@@ -189,7 +371,25 @@ def restore_training_state(state, path, optimizer, scaler, loader, device, weigh
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         elif device == "mps" and "mps" in state["rng"]:
             torch.mps.set_rng_state(state["rng"]["mps"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as error:
         raise UserError(f"{path} holds an optimizer state this model cannot use: {reason(error)}") from None
     optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0 decays; WEIGHT_DECAY may have changed
     loader.position = state["loader"] % loader.total
+
+
+def shard_like_parameters(optimizer_state, optimizer):
+    """The optimizer state with each whole per-parameter tensor (exp_avg, ...) cut into the shards
+    of its parameter, where FSDP has sharded the parameters (a DTensor); unchanged otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in parameters):
+        return optimizer_state
+    sharded = {}
+    for index, per_parameter in optimizer_state["state"].items():
+        p = parameters[index]
+        sharded[index] = {key: distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
+                          if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape
+                          else value
+                          for key, value in per_parameter.items()}
+    return {**optimizer_state, "state": sharded}

@@ -1,4 +1,4 @@
-"""Every setting of every script, in one list: each field below is the environment variable of its
+"""This is every setting of every script, in one list: each field below is the environment variable of its
 name in capitals, with its default (and, where it is not the usual 1 for an int or 0 for a number,
 its smallest allowed value).
 
@@ -39,7 +39,7 @@ class GPTConfig:
         return config
 
     def shape(self):
-        """The five fields that fix the weights' shapes (what a checkpoint records)."""
+        """Return the five fields that fix the weights' shapes (what a checkpoint records)."""
         return {name: getattr(self, name) for name in self.SHAPE}
 
 
@@ -72,6 +72,7 @@ class TrainConfig:
     force: bool = False
     peak_tflops: float = 0.0  # 0: look the GPU up in device.GPU_PEAK_TFLOPS
     init_from: str = "scratch"
+    parallel: str = "ddp"  # under torchrun: ddp (every rank a whole copy) or fsdp (every rank a shard)
 
     @classmethod
     def from_env(cls):
@@ -91,9 +92,9 @@ class DataConfig:
     """dataset.py's settings, and the dataset peek_dataset.py shows."""
 
     hf_dataset_name: str = "facebook/natural_reasoning"
-    dataset_path: str = "natural_reasoning"
+    dataset_path: str = TrainConfig.dataset_path  # where dataset.py writes is where train.py reads
     shard_size: int = 10**8
-    force: bool = False
+    force: bool = TrainConfig.force
     peek_dataset_path: str = ""  # "": DATASET_PATH
 
     @classmethod
@@ -109,7 +110,7 @@ class SamplingConfig:
     top_k: int = setting(50, minimum=0)  # sample among the k likeliest tokens only; 0 turns it off
     top_p: float = 0.95  # then among the fewest of those whose probability adds up to top_p; 1 turns it off
     max_new_tokens: int = 200
-    seed: int = setting(1337, minimum=0)
+    seed: int = setting(TrainConfig.seed, minimum=0)
     testing_model_path: str = ""  # a checkpoint, or a folder (its newest); "": the newest in LOG_DIR
 
     @classmethod
@@ -120,7 +121,7 @@ class SamplingConfig:
         return config
 
     def options(self):
-        """The keyword arguments `sampling.stream` and `sampling.generate` take."""
+        """Return the keyword arguments `sampling.stream` and `sampling.generate` take."""
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
@@ -156,7 +157,7 @@ SETTINGS = (GPTConfig, TrainConfig, DataConfig, SamplingConfig, HellaSwagFiles, 
 
 
 def shared(name):
-    """One of train.py's settings (`log_dir`, `device`, ...), for a script that reads only that one."""
+    """Read one of train.py's settings (`log_dir`, `device`, ...), for a script that needs only that one."""
     return getattr(read(TrainConfig, only=[name]), name)
 
 
@@ -173,7 +174,7 @@ OTHER_NAMES = {
     "DEVICE_BATCH_SIZE": "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS": "TOTAL_BATCH_SIZE",
     "CONTEXT_LENGTH": "SEQ_LENGTH", "MAX_SEQ_LEN": "SEQ_LENGTH", "SEQ_LEN": "SEQ_LENGTH", "N_EMBED": "N_EMBD",
     "NUM_LAYERS": "N_LAYER", "DEPTH": "N_LAYER", "NUM_HEADS": "N_HEAD", "HIDDEN_SIZE": "N_EMBD",
-    "TEMP": "TEMPERATURE", "MODEL_PATH": "TESTING_MODEL_PATH", "CHECKPOINT": "TESTING_MODEL_PATH",
+    "MODEL_PATH": "TESTING_MODEL_PATH", "CHECKPOINT": "TESTING_MODEL_PATH",
 }
 # other tools' variables, never warned about: CUDA, OpenMP, Hugging Face, NCCL, PyTorch and torchrun
 OTHER_TOOLS = ("CUDA_", "OMP_", "HF_", "NCCL_", "TORCH", "PYTORCH_", "GLOO_", "MASTER_", "KMP_", "MKL_")
@@ -182,12 +183,12 @@ TORCHRUN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"
 
 
 def names():
-    """Every setting's variable name."""
+    """Return every setting's variable name."""
     return {field.name.upper() for cls in SETTINGS for field in fields(cls)}
 
 
 def one_edit_apart(a, b):
-    """True when a and b differ by at most one inserted, deleted, replaced or swapped character."""
+    """Return True when a and b differ by at most one inserted, deleted, replaced or swapped character."""
     if a == b:
         return True
     if abs(len(a) - len(b)) > 1:
@@ -202,7 +203,7 @@ def one_edit_apart(a, b):
 
 
 def probably_meant(variable, known):
-    """The setting a set variable that is none probably stands for, or None."""
+    """Return the setting that a set variable which is none probably stands for, or None."""
     if variable in known or variable in TORCHRUN or variable.upper().startswith(OTHER_TOOLS):
         return None
     if variable.upper() in OTHER_NAMES:
@@ -212,7 +213,7 @@ def probably_meant(variable, known):
 
 
 def warn_misspelled():
-    """One warning line for each set variable that looks like a misspelled setting (rank 0 only)."""
+    """Print one warning line for each set variable that looks like a misspelled setting (rank 0 only)."""
     if os.environ.get("RANK", "0") != "0":
         return
     known = names()

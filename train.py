@@ -2,6 +2,7 @@
 
     uv run train.py                                        # one GPU, Apple silicon, or the CPU
     torchrun --standalone --nproc_per_node=8 train.py      # eight GPUs on one machine (DDP)
+    PARALLEL=fsdp torchrun --standalone --nproc_per_node=8 train.py   # the same, sharded (FSDP2)
 
 Every setting is an environment variable: settings.TrainConfig and settings.GPTConfig list them
 with their defaults (README too). The loop is build-nanogpt's: gradient accumulation up to
@@ -25,6 +26,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -32,14 +35,13 @@ import device
 import sampling
 import shards
 import tokenizer
-from atomic import atomic_write
 from env import UserError, cli, is_set
+from metrics import open_for_run
 from model import GPT, GPT2_VOCAB_SIZE
 from settings import GPTConfig, TrainConfig
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 SAMPLE_PROMPT = "Hello, I'm a language model,"
-METRICS_HEADER = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"]
 
 
 @cli
@@ -55,7 +57,7 @@ def main():
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = model_to_train(cfg, env_shape, state, resume_from)
     check_model_fits(raw_model.config, cfg)
-    runtime = device.setup(cfg.device, cfg.dtype)
+    runtime = device.setup(cfg.device, cfg.dtype, group_of_one=cfg.parallel == "fsdp")
     try:
         train(set_up(cfg, runtime, raw_model, state, resume_from))
     finally:
@@ -64,12 +66,12 @@ def main():
 
 @dataclass
 class Run:
-    """What the loop works with: set_up() builds it, train() runs it."""
+    """The loop works with this: set_up() builds it, train() runs it."""
 
     cfg: TrainConfig
     runtime: device.Runtime
-    raw_model: GPT  # evaluation, sampling and checkpoints use the plain model...
-    model: torch.nn.Module  # ...the updates this one: compiled and DDP-wrapped when those are on
+    raw_model: GPT  # checkpoints save this one (under FSDP, sharded in place), evaluation a whole copy...
+    model: torch.nn.Module  # ...and the updates run through this one: compiled, DDP-wrapped or sharded
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     train_loader: shards.TokenLoader
@@ -100,6 +102,7 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
                                                    runtime.rank, runtime.world_size, verbose=master)
                                 for split in ("train", "val"))
     raw_model.to(runtime.device)
+    model = parallelize(raw_model, runtime, cfg.parallel, use_compile)
     optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master)
     scaler = grad_scaler(runtime)
     start_step, val_loss = 0, None
@@ -110,23 +113,17 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
         continue_run(cfg, state, resume_from, master)
     elif cfg.init_from != "scratch" and master:
         print(f"fine-tuning from {cfg.init_from}")
-
-    # compiled and DDP-wrapped for the updates only: evaluation and sampling use raw_model, so
-    # neither has to live with the compiler's recompilations or DDP's hooks
-    model = torch.compile(raw_model) if use_compile else raw_model
-    if runtime.distributed:
-        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
     hellaswag_rows = load_hellaswag(cfg.hellaswag_limit, runtime)
     metrics = None
     if master:
-        metrics = open_metrics(os.path.join(cfg.log_dir, "metrics.csv"),
+        metrics = open_for_run(os.path.join(cfg.log_dir, "metrics.csv"),
                                keep_through=state["step"] if resuming_in_place else None)
     return Run(cfg, runtime, raw_model, model, optimizer, scaler, train_loader, val_loader, hellaswag_rows, metrics,
                grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops))
 
 
 def train(run):
-    """The loop: now and then evaluate and sample, then update, log, and now and then save."""
+    """Run the loop: now and then evaluate and sample, then update, log, and now and then save."""
     cfg, runtime, master = run.cfg, run.runtime, run.runtime.master
     flops_per_token = run.raw_model.flops_per_token(cfg.seq_length)
     for step in range(run.start_step, cfg.max_steps):
@@ -135,8 +132,8 @@ def train(run):
         # an evaluation at step N sees the weights before update N: step 0 shows the untrained model
         if step % cfg.eval_interval == 0:
             measured = evaluate(run)
-        if step > 0 and step % cfg.sample_interval == 0 and master:
-            print_samples(run.raw_model, runtime, cfg.seed)
+        if step > 0 and step % cfg.sample_interval == 0:
+            print_samples(run)
 
         t0 = time.perf_counter()
         lr = get_lr(step, cfg)
@@ -152,16 +149,15 @@ def train(run):
 
         if last_step:  # the final weights, after the last update
             measured = evaluate(run)
-            if master:
-                print_samples(run.raw_model, runtime, cfg.seed)
+            print_samples(run)
         if measured[0] is not None:
             run.val_loss = measured[0]
         if master:
             csv.writer(run.metrics).writerow([step, loss, *measured, lr, norm, round(dt * 1000, 2),
                                               round(tokens_per_sec, 1), round(mfu, 5) if mfu else None])
             run.metrics.flush()
-            if (step + 1) % cfg.checkpoint_interval == 0 or last_step:
-                save_checkpoint(run, step)
+        if (step + 1) % cfg.checkpoint_interval == 0 or last_step:
+            save_checkpoint(run, step)
     if master:
         run.metrics.close()
 
@@ -171,13 +167,18 @@ def train(run):
 
 def check_settings(cfg, world_size):
     """Stop on bad combinations that need no files and no model to find."""
+    if cfg.parallel not in ("ddp", "fsdp"):
+        raise UserError(f"PARALLEL must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"MIN_LR ({cfg.min_lr}) must not exceed MAX_LR ({cfg.max_lr})")
     micro_tokens = cfg.batch_size * cfg.seq_length * world_size
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"TOTAL_BATCH_SIZE ({cfg.total_batch_size}) must be divisible by BATCH_SIZE * SEQ_LENGTH "
                         f"* world size ({cfg.batch_size} * {cfg.seq_length} * {world_size} = {micro_tokens})")
-    device.pick_dtype(device.pick_device(cfg.device), cfg.dtype)  # DEVICE and DTYPE: known values?
+    dtype = device.pick_dtype(device.pick_device(cfg.device), cfg.dtype)  # DEVICE and DTYPE: known values?
+    if cfg.parallel == "fsdp" and dtype == torch.float16:  # its loss scaler would need FSDP's own, untested here
+        raise UserError("PARALLEL=fsdp trains in bfloat16 or float32, not float16: set DTYPE=bfloat16 "
+                        "(or DTYPE=float32 on GPUs without bfloat16)")
     if not cfg.resume and cfg.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(cfg.init_from):
         raise UserError(f"INIT_FROM must be scratch, {', '.join(PRETRAINED)} or a directory holding a "
                         f"GPT2LMHeadModel, got {cfg.init_from!r} (no such directory)")
@@ -237,7 +238,7 @@ def model_to_train(cfg, env_shape, state, path):
 
 
 def check_shape(env_shape, shape, source):
-    """The shape comes from `source`; a model variable the user set explicitly must agree with it."""
+    """Check that a model variable the user set explicitly agrees with the shape `source` brings."""
     for name in GPTConfig.SHAPE:
         variable = name.upper()
         if is_set(variable) and getattr(env_shape, name) != int(shape[name]):
@@ -246,7 +247,7 @@ def check_shape(env_shape, shape, source):
 
 
 def check_model_fits(model_config, cfg):
-    """The sequences must fit the position table, and GPT-2's tokens the vocabulary."""
+    """Check that the sequences fit the position table, and GPT-2's tokens the vocabulary."""
     if cfg.seq_length > model_config.block_size:
         raise UserError(f"SEQ_LENGTH ({cfg.seq_length}) must not exceed BLOCK_SIZE ({model_config.block_size})")
     if model_config.vocab_size < GPT2_VOCAB_SIZE:
@@ -299,6 +300,45 @@ def continue_run(cfg, state, path, master):
         print("training variables changed since the checkpoint: " + ", ".join(changed))
 
 
+def parallelize(raw_model, runtime, parallel, use_compile):
+    """Return the model the updates run through. PARALLEL=fsdp: raw_model itself, sharded in place
+    over the ranks (each block, then the root, which keeps the tied wte/lm_head weight one
+    parameter), each block compiled first when COMPILE is on, as torchtitan does. Otherwise
+    raw_model compiled, and under torchrun DDP-wrapped: evaluation and sampling then use raw_model,
+    so neither lives with the compiler's recompilations or DDP's hooks."""
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(runtime.device_type, (runtime.world_size,))
+        for block in raw_model.transformer.h:
+            if use_compile:
+                block.compile()
+            fully_shard(block, mesh=mesh)
+        fully_shard(raw_model, mesh=mesh)
+        return raw_model
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if runtime.distributed:
+        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+    return model
+
+
+def whole_model(run):
+    """Return the current weights as one plain GPT on every rank, for evaluation and samples: the
+    raw model, or under FSDP a copy gathered from the shards (every rank must call this then; the
+    copy lives only while it is used)."""
+    if run.cfg.parallel != "fsdp":
+        return run.raw_model
+    with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
+        copy = GPT(run.raw_model.config)
+    copy.to_empty(device=run.runtime.device)
+    copy.transformer.wte.weight = copy.lm_head.weight  # to_empty unties them
+    with torch.no_grad():
+        for name, parameter in run.raw_model.named_parameters():
+            copy.get_parameter(name).copy_(parameter.full_tensor())
+    return copy.eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # one update
 
@@ -325,9 +365,11 @@ def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
     loss_accum = torch.zeros((), device=runtime.device)
     for micro_step in range(grad_accum_steps):
         x, y = to_device(loader.next_batch(), runtime)
-        # DDP all-reduces gradients in backward(): only needed once, after the last micro-step
+        # DDP and FSDP reduce gradients across the ranks in backward(): needed once, after the last micro-step
         last = micro_step == grad_accum_steps - 1
-        with model.no_sync() if runtime.distributed and not last else contextlib.nullcontext():
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
             with runtime.autocast():
                 _, loss = model(x, y, return_logits=False)  # the loss without materialising the logits
             # the gradient of a mean over all micro-batches, not a sum
@@ -336,12 +378,22 @@ def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
             scaler.scale(loss).backward()
     all_ranks_mean(loss_accum, runtime)
     scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    norm = clip_gradients(model.parameters(), 1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.step(optimizer)
     scaler.update()
     return loss_accum, norm
+
+
+def clip_gradients(parameters, max_norm):
+    """Scale the gradients down to a total norm of at most max_norm; return the norm before."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+    if isinstance(norm, DTensor):  # FSDP: the norm of sharded gradients, reduced over the ranks
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 def to_device(batch, runtime):
@@ -363,14 +415,15 @@ def all_ranks_mean(value, runtime):
 
 def evaluate(run):
     """Measure the current weights: return (validation loss, HellaSwag acc_norm or None)."""
-    val_loss = validation_loss(run.raw_model, run.val_loader, run.runtime, run.cfg.val_steps)
+    model = whole_model(run)
+    val_loss = validation_loss(model, run.val_loader, run.runtime, run.cfg.val_steps)
     if run.runtime.master:
         print(f"validation loss: {val_loss:.4f}")
     accuracy = None
     if run.hellaswag_rows:
         import hellaswag
 
-        result = hellaswag.evaluate(run.raw_model, run.runtime, run.hellaswag_rows)
+        result = hellaswag.evaluate(model, run.runtime, run.hellaswag_rows)
         if run.runtime.master:
             print(f"HellaSwag accuracy: {result.correct_norm}/{result.total}={result.acc_norm:.4f}")
         accuracy = result.acc_norm
@@ -412,10 +465,14 @@ def load_hellaswag(limit, runtime):
     return rows
 
 
-def print_samples(model, runtime, seed, num_samples=4, max_new_tokens=32):
+def print_samples(run, num_samples=4, max_new_tokens=32):
+    """Rank 0 prints samples of the current weights (every rank calls this: under FSDP they gather them)."""
+    model, runtime = whole_model(run), run.runtime
+    if not runtime.master:
+        return
     prompt = tokenizer.encode(SAMPLE_PROMPT)
     # a generator of its own: the same sampling noise every time, and the training RNG untouched
-    generator = sampling.make_generator(runtime.device, seed + runtime.rank)
+    generator = sampling.make_generator(runtime.device, run.cfg.seed + runtime.rank)
     with runtime.autocast():
         rows = sampling.generate(model, prompt, max_new_tokens, top_k=50, num_samples=num_samples, generator=generator)
     for i, row in enumerate(rows):
@@ -423,36 +480,20 @@ def print_samples(model, runtime, seed, num_samples=4, max_new_tokens=32):
 
 
 # ----------------------------------------------------------------------------------------------
-# metrics and checkpoints
-
-def open_metrics(path, keep_through=None):
-    """Open metrics.csv for appending: a new file, or (on resume) the rows up to `keep_through`.
-
-    The kept rows are written through a temporary file that replaces the old one, so a crash here
-    never leaves a half-written metrics.csv.
-    """
-    rows = []
-    if keep_through is not None and os.path.isfile(path):
-        with open(path, newline="") as f:
-            reader = csv.reader(f)
-            if next(reader, None) == METRICS_HEADER:
-                rows = [row for row in reader if len(row) == len(METRICS_HEADER) and row[0].isdigit()
-                        and int(row[0]) <= keep_through]
-    with atomic_write(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(METRICS_HEADER)
-        writer.writerows(rows)
-    return open(path, "a", newline="")
-
+# checkpoints
 
 def save_checkpoint(run, step):
-    """Save the state after update `step` as $LOG_DIR/model_{step:05d}.pt, then prune the oldest."""
-    target = checkpoint.checkpoint_path(run.cfg.log_dir, step)
+    """Save the state after update `step`, then prune the oldest: $LOG_DIR/model_{step:05d}.pt from
+    rank 0, or under FSDP $LOG_DIR/model_{step:05d}.dcp/ from every rank, each its own shards."""
+    sharded = run.cfg.parallel == "fsdp"
+    target = checkpoint.checkpoint_path(run.cfg.log_dir, step, sharded)
     state = checkpoint.training_state(run.raw_model, run.optimizer, run.scaler, run.cfg, step, run.val_loss,
                                       run.train_loader.position, run.runtime.device)
-    checkpoint.save(state, target)
-    checkpoint.prune(run.cfg.log_dir, run.cfg.keep_checkpoints)
-    print(f"saved checkpoint {target}")
+    if sharded or run.runtime.master:
+        checkpoint.save(state, target)
+    if run.runtime.master:
+        checkpoint.prune(run.cfg.log_dir, run.cfg.keep_checkpoints)
+        print(f"saved checkpoint {target}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ precision from the same initial weights and batches, and reports the mean loss o
 each (the performance issue asks for them to agree within 0.02).
 """
 
-import argparse
 import ctypes
 import dataclasses
 import os
@@ -34,7 +33,7 @@ import shards
 import train
 from bench import report
 from bench.bench_matmul_peak import matmul_flops_per_s
-from env import UserError, cli
+from env import ArgumentParser, UserError, cli
 from model import GPT, GPTConfig
 from settings import TrainConfig, shared
 
@@ -266,7 +265,7 @@ def parity(args):
 
 @cli
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="tiny,small", help="comma-separated: tiny, small, 124M")
     parser.add_argument("--batch-size", type=report.positive_int, default=8, help="BATCH_SIZE (sequences per step)")
     parser.add_argument("--seq-length", type=report.positive_int, default=256, help="SEQ_LENGTH")

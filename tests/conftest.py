@@ -1,7 +1,10 @@
 """Fixtures shared by every test file: one tiny demo dataset per session, real data when present."""
 
 import json
+import random
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -78,3 +81,27 @@ def natural_reasoning_files(tmp_path_factory):
     parquet = folder / "rows.parquet"
     pd.DataFrame(rows).to_parquet(parquet)
     return {"rows": rows, "jsonl": jsonl, "parquet": parquet}
+
+
+@pytest.fixture(scope="session")
+def token_dataset(tmp_path_factory):
+    """A small learnable dataset (templated sums) in shards.py's format: 3 train shards, 1 val."""
+    import shards
+    import tokenizer
+
+    path = tmp_path_factory.mktemp("tokens")
+    rng = random.Random(0)
+    ids = []
+    for _ in range(1500):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        ids += [tokenizer.EOT, *tokenizer.encode(f"Question: What is {a} plus {b}?\nAnswer: {a + b}.")]
+    ids = np.array(ids, dtype=np.uint16)
+    splits = {"val": [ids[:3000]], "train": np.array_split(ids[3000:], 3)}
+    meta = {"splits": {}}
+    for split, pieces in splits.items():
+        names = [shards.shard_name(split, i) for i in range(len(pieces))]
+        for name, piece in zip(names, pieces):
+            np.save(path / name, piece)
+        meta["splits"][split] = {"shards": names, "tokens": int(sum(map(len, pieces))), "documents": 0}
+    shards.write_meta(str(path), meta)
+    return str(path)
