@@ -65,11 +65,22 @@ def latest_checkpoint(log_dir):
 
 
 def delete(path):
-    """Delete a checkpoint of either form."""
+    """Delete a checkpoint of either form. A folder is renamed first, so that a kill halfway through
+    leaves a temporary the next run removes, never a .dcp folder with some of its shards gone."""
     if os.path.isdir(path):
-        shutil.rmtree(path)
+        doomed = path + ".tmp"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     else:
         os.remove(path)
+
+
+def delete_step(log_dir, step):
+    """Delete the checkpoint of update `step`, in both forms."""
+    for sharded in (False, True):
+        if os.path.exists(path := checkpoint_path(log_dir, step, sharded)):
+            delete(path)
 
 
 def prune(log_dir, keep):
@@ -77,9 +88,7 @@ def prune(log_dir, keep):
     names of the form model_NNNNN.pt and model_NNNNN.dcp are ever considered, so nothing else in
     log_dir is touched."""
     for step, _ in list_checkpoints(log_dir)[:-keep] if keep > 0 else []:
-        for sharded in (False, True):
-            if os.path.exists(path := checkpoint_path(log_dir, step, sharded)):
-                delete(path)
+        delete_step(log_dir, step)
 
 
 def remove_stale_temporaries(log_dir):
@@ -96,31 +105,88 @@ def remove_stale_temporaries(log_dir):
 def save(state, path):
     """Write the training state to `path`: a .pt file (call it on rank 0 only), or a .dcp folder
     (call it on every rank: each writes its shards). Either is written under a temporary name and
-    renamed when complete, so a crash mid-write never leaves a broken checkpoint."""
-    if not os.fspath(path).endswith(".dcp"):
-        with atomic_write(path) as f:
-            torch.save(state, f)
+    renamed when complete, so a crash mid-write never leaves a broken checkpoint. A write that
+    fails (a full disk, a quota, a revoked permission) leaves no temporary behind, every earlier
+    checkpoint as it was, and stops with one UserError naming LOG_DIR and the cause."""
+    path = os.fspath(path)
+    if not path.endswith(".dcp"):
+        writer = None
+        try:
+            with atomic_write(path) as f:
+                writer = WriteErrors(f)
+                torch.save(state, writer)
+        except (OSError, RuntimeError) as error:  # torch.save turns the write's OSError into a RuntimeError
+            raise cannot_write(path, writer.error if writer and writer.error else error) from None
         return
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     tensors, rest = split_tensors(state)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    path = os.fspath(path)
     tmp = path + ".tmp"  # one name every rank agrees on
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()  # the old temporary is gone before anyone writes
-    # dcp.save returns on rank 0 only after every rank has written its shards and rank 0 the .metadata
-    dcp.save(tensors, checkpoint_id=tmp)
-    if rank == 0:
-        with atomic_write(os.path.join(tmp, TRAIN_STATE)) as f:
-            torch.save(rest, f)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    if dist.is_initialized():
+    failure = None
+    try:
+        # returns on rank 0 only after every rank has written its shards and rank 0 the .metadata;
+        # a failure on any rank reaches every rank as a CheckpointException
+        dcp.save(tensors, checkpoint_id=tmp)
+        if rank == 0:
+            with atomic_write(os.path.join(tmp, TRAIN_STATE)) as f:
+                torch.save(rest, f)
+            if os.path.exists(path):
+                delete(path)
+            os.replace(tmp, path)
+    except CheckpointException as error:  # DCP wraps each rank's own exception
+        failure = next(iter(error.failures.values()))[0] if error.failures else error
+    except Exception as error:  # whatever it is, the other ranks must hear of it, not wait for rank 0
+        failure = error
+    if dist.is_initialized():  # rank 0's train_state.pt may fail alone: every rank must hear of it
+        rank_0_failure = [reason(failure) if failure else None]
+        dist.broadcast_object_list(rank_0_failure, src=0)
         dist.barrier()  # nobody goes on (to prune, or to the next save) before the rename
+        failure = failure or rank_0_failure[0]
+    if failure:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise cannot_write(path, failure) from None
+
+
+class WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write, whose message says why
+    (No space left on device, File too large, ...), where torch.save's own error does not."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def cannot_write(path, cause):
+    """Return the UserError for a checkpoint that could not be written, naming LOG_DIR and the cause.
+    torch.save inside DCP reports a failed write without the OS's reason: the usual ones are checked."""
+    log_dir = os.path.dirname(path) or "."
+    why = reason(cause) if isinstance(cause, BaseException) else cause
+    if not isinstance(cause, OSError) and hasattr(os, "statvfs"):  # (not on Windows)
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        disk = os.statvfs(log_dir)
+        if disk.f_bavail * disk.f_frsize < 2**20:
+            why = "No space left on device"
+        elif limit != resource.RLIM_INFINITY:
+            why = f"File too large (the file size limit, ulimit -f, is {limit:,} bytes)"
+    return UserError(f"cannot write checkpoint {os.path.basename(path)} in LOG_DIR {log_dir}: {why}")
 
 
 def split_tensors(state):
@@ -138,9 +204,9 @@ def split_tensors(state):
 # loading
 
 def load(path, with_optimizer=True):
-    """Return the checkpoint's dictionary, on the CPU, whatever its form: the same keys for both
-    (a .dcp's optimizer state is read only `with_optimizer`). Anything that is not one of ours is a
-    UserError."""
+    """Return the checkpoint's dictionary, on the CPU, whatever its form: the same keys for both.
+    A .dcp's optimizer tensors are read only `with_optimizer` (a .pt file is read whole). Anything
+    that is not one of ours is a UserError."""
     if os.path.isdir(path):
         state = load_sharded(path, with_optimizer)
     else:
@@ -180,15 +246,11 @@ def load_sharded(path, with_optimizer):
     """Read a .dcp folder whole, with no process group (DCP reassembles the shards), into the
     dictionary a .pt file holds."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     if not is_sharded(path):
         raise UserError(f"{path} is not a checkpoint (a folder without DCP's .metadata: an unfinished save?)")
     reader = safe_reader(path)
     tensors = {}
     for key, item in reader.read_metadata().state_dict_metadata.items():
-        if not isinstance(item, TensorStorageMetadata):  # DCP would unpickle it, running whatever it holds
-            raise UserError(f"{path} is not a safe checkpoint: {key} is not a tensor, so it was refused")
         if key.startswith("model.") or with_optimizer:
             tensors[key] = torch.empty(item.size, dtype=item.properties.dtype)
     try:
@@ -236,7 +298,7 @@ class SafeUnpickler(pickle.Unpickler):
 def safe_reader(path):
     """DCP's file reader, but its .metadata goes through SafeUnpickler."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
     class SafeFileSystemReader(FileSystemReader):
         def read_metadata(self):
@@ -251,6 +313,11 @@ def safe_reader(path):
                 raise UserError(f"{path} is not a readable checkpoint (its .metadata: {reason(error)})") from None
             if not isinstance(metadata, Metadata):
                 raise UserError(f"{path} is not a checkpoint (its .metadata holds no DCP metadata)")
+            # checked at every read, dcp.load's own included: DCP would unpickle a non-tensor value,
+            # running whatever it holds
+            for key, item in metadata.state_dict_metadata.items():
+                if not isinstance(item, TensorStorageMetadata):
+                    raise UserError(f"{path} is not a safe checkpoint: {key} is not a tensor, so it was refused")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
@@ -272,8 +339,8 @@ def build_model(state, path="checkpoint", dropout=0.0):
 
 def load_model(path, device="cpu", say=None, say_loaded=False):
     """Load the checkpoint at `path` (a .pt file or a .dcp folder) for inference, as every script
-    does: return the model, in eval mode on `device`, and the checkpoint's dictionary (without the
-    optimizer's tensors). `say` prints the progress lines, if given; `say_loaded` adds the line
+    does: return the model, in eval mode on `device`, and the checkpoint's dictionary (a .dcp's
+    without the optimizer's tensors). `say` prints the progress lines, if given; `say_loaded` adds the line
     that names the file once it is read."""
     say = say or (lambda text: None)
     state = load(path, with_optimizer=False)

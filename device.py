@@ -142,14 +142,30 @@ def setup(device="auto", dtype="auto", group_of_one=False):
         backend = "nccl" if runtime.device_type == "cuda" else "gloo"
         if runtime.device_type == "cuda":
             torch.cuda.set_device(chosen)
-        one = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}  # no torchrun to meet at
-        dist.init_process_group(backend=backend, device_id=torch.device(chosen) if backend == "nccl" else None, **one)
+        dist.init_process_group(backend=backend, device_id=torch.device(chosen) if backend == "nccl" else None,
+                                **meeting_point(rank, world_size))
     if runtime.device_type == "cpu":
         keep_freed_memory()
     if runtime.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever runs outside autocast
         torch.backends.cudnn.allow_tf32 = True
     return runtime
+
+
+def meeting_point(rank, world_size):
+    """Return how init_process_group finds the other ranks: by itself (torchrun's variables), in a
+    store of its own for a single process, or, in a group torchrun has restarted, under a prefix of
+    its own in torchrun's store. Without that prefix the restarted ranks can read the peer
+    addresses the previous attempt left there and hang or fail connecting to them."""
+    if world_size == 1:
+        return dict(store=dist.HashStore(), rank=0, world_size=1)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return {}
+    agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_serves and rank == 0)
+    return dict(store=dist.PrefixStore(f"mini-gpt2/attempt_{restart}/", store), rank=rank, world_size=world_size)
 
 
 def teardown():

@@ -27,7 +27,7 @@ EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "t
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Export a checkpoint as a Hugging Face model directory.")
-    parser.add_argument("--checkpoint", help="a model_XXXXX.pt, or a folder whose newest checkpoint is used "
+    parser.add_argument("--checkpoint", help="a model_XXXXX.pt or model_XXXXX.dcp, or a folder whose newest checkpoint is used "
                         "(default: the newest in $LOG_DIR)")
     parser.add_argument("--out", required=True, help="the directory to write (new, empty, or an earlier export)")
     return parser.parse_args(argv)

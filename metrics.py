@@ -4,6 +4,7 @@ Its columns are COLUMNS; `val_loss` and `hellaswag_acc` are filled where they we
 """
 
 import csv
+import io
 import os
 
 from atomic import atomic_write
@@ -25,11 +26,30 @@ def open_for_run(path, keep_through=None):
             if next(reader, None) == COLUMNS:
                 rows = [row for row in reader if len(row) == len(COLUMNS) and row[0].isdigit()
                         and int(row[0]) <= keep_through]
-    with atomic_write(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows(rows)
-    return open(path, "a", newline="")
+    try:
+        with atomic_write(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            writer.writerows(rows)
+    except OSError as error:
+        raise UserError(f"cannot write {path} in LOG_DIR {os.path.dirname(path) or '.'}: {reason(error)}") from None
+    return open(path, "ab", buffering=0)  # unbuffered: append() knows exactly what reached the file
+
+
+def append(f, row):
+    """Append one row to metrics.csv opened by open_for_run, whole or not at all: a write that
+    fails (a full disk, a quota) is cut off again, so the file ends with its last whole row."""
+    text = io.StringIO()
+    csv.writer(text).writerow(row)
+    data = text.getvalue().encode()
+    end = f.seek(0, os.SEEK_END)
+    try:
+        while data:
+            data = data[f.write(data):]
+    except OSError as error:
+        f.truncate(end)
+        raise UserError(f"cannot write {f.name} in LOG_DIR {os.path.dirname(f.name) or '.'}: "
+                        f"{reason(error)}") from None
 
 
 def read(path):

@@ -68,7 +68,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"  # auto (on for CUDA), or a yes/no word, kept as "1" or "0"
-    resume: str = ""  # "" (a fresh run), "1" (the newest checkpoint in LOG_DIR) or a checkpoint's path
+    resume: str = ""  # "" (fresh), "1" (the newest checkpoint in LOG_DIR), "auto" (that, if any) or a path
     force: bool = False
     peak_tflops: float = 0.0  # 0: look the GPU up in device.GPU_PEAK_TFLOPS
     init_from: str = "scratch"
@@ -81,9 +81,11 @@ class TrainConfig:
             config.compile = "auto"
         else:
             config.compile = "1" if env_flag("COMPILE") else "0"
-        # RESUME is a yes/no word or a path: any other word is taken as a path (and then not found)
+        # RESUME is a yes/no word, auto, or a path: any other word is taken as a path (and then not found)
         if config.resume and on_off(config.resume) is not None:
             config.resume = "1" if on_off(config.resume) else ""
+        elif config.resume.lower() == "auto":
+            config.resume = "auto"
         return config
 
 

@@ -17,9 +17,9 @@ grouped under the step that uses them.
 """
 
 import contextlib
-import csv
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -36,7 +36,7 @@ import sampling
 import shards
 import tokenizer
 from env import UserError, cli, is_set
-from metrics import open_for_run
+import metrics
 from model import GPT, GPT2_VOCAB_SIZE
 from settings import GPTConfig, TrainConfig
 
@@ -50,8 +50,9 @@ def main():
     cfg = TrainConfig.from_env()
     env_shape = GPTConfig.from_env()
     check_settings(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    resume_from = resume_path(cfg)
-    state = load_resume_state(resume_from, env_shape, cfg) if resume_from else None
+    master = os.environ.get("RANK", "0") == "0"
+    resume_from = resume_path(cfg, master)
+    state = load_resume_state(resume_from, env_shape, cfg, master) if resume_from else None
     shards.shard_paths(cfg.dataset_path, "train")
     shards.shard_paths(cfg.dataset_path, "val")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -59,7 +60,10 @@ def main():
     check_model_fits(raw_model.config, cfg)
     runtime = device.setup(cfg.device, cfg.dtype, group_of_one=cfg.parallel == "fsdp")
     try:
-        train(set_up(cfg, runtime, raw_model, state, resume_from))
+        with StopSignals(runtime) as stop:
+            run = set_up(cfg, runtime, raw_model, state, resume_from)
+            del state  # restored: the whole checkpoint no longer needs to stay in memory
+            train(run, stop)
     finally:
         device.teardown()
 
@@ -114,16 +118,17 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
     elif cfg.init_from != "scratch" and master:
         print(f"fine-tuning from {cfg.init_from}")
     hellaswag_rows = load_hellaswag(cfg.hellaswag_limit, runtime)
-    metrics = None
+    metrics_file = None
     if master:
-        metrics = open_for_run(os.path.join(cfg.log_dir, "metrics.csv"),
-                               keep_through=state["step"] if resuming_in_place else None)
-    return Run(cfg, runtime, raw_model, model, optimizer, scaler, train_loader, val_loader, hellaswag_rows, metrics,
+        metrics_file = metrics.open_for_run(os.path.join(cfg.log_dir, "metrics.csv"),
+                                            keep_through=state["step"] if resuming_in_place else None)
+    return Run(cfg, runtime, raw_model, model, optimizer, scaler, train_loader, val_loader, hellaswag_rows, metrics_file,
                grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops))
 
 
-def train(run):
-    """Run the loop: now and then evaluate and sample, then update, log, and now and then save."""
+def train(run, stop):
+    """Run the loop: now and then evaluate and sample, then update, log, and now and then save;
+    stop early, saved, when `stop` says a signal came."""
     cfg, runtime, master = run.cfg, run.runtime, run.runtime.master
     flops_per_token = run.raw_model.flops_per_token(cfg.seq_length)
     for step in range(run.start_step, cfg.max_steps):
@@ -153,11 +158,13 @@ def train(run):
         if measured[0] is not None:
             run.val_loss = measured[0]
         if master:
-            csv.writer(run.metrics).writerow([step, loss, *measured, lr, norm, round(dt * 1000, 2),
-                                              round(tokens_per_sec, 1), round(mfu, 5) if mfu else None])
-            run.metrics.flush()
-        if (step + 1) % cfg.checkpoint_interval == 0 or last_step:
-            save_checkpoint(run, step)
+            metrics.append(run.metrics, [step, loss, *measured, lr, norm, round(dt * 1000, 2),
+                                         round(tokens_per_sec, 1), round(mfu, 5) if mfu else None])
+        stopping = stop.agreed()  # SIGTERM or Ctrl-C on any rank: every rank stops after this update
+        if (step + 1) % cfg.checkpoint_interval == 0 or last_step or stopping:
+            saved = save_checkpoint(run, step)
+        if stopping:
+            stop.exit(saved)
     if master:
         run.metrics.close()
 
@@ -175,7 +182,11 @@ def check_settings(cfg, world_size):
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"TOTAL_BATCH_SIZE ({cfg.total_batch_size}) must be divisible by BATCH_SIZE * SEQ_LENGTH "
                         f"* world size ({cfg.batch_size} * {cfg.seq_length} * {world_size} = {micro_tokens})")
-    dtype = device.pick_dtype(device.pick_device(cfg.device), cfg.dtype)  # DEVICE and DTYPE: known values?
+    chosen = device.pick_device(cfg.device)
+    dtype = device.pick_dtype(chosen, cfg.dtype)  # DEVICE and DTYPE: known values?
+    if cfg.parallel == "fsdp" and chosen == "mps":
+        raise UserError("PARALLEL=fsdp runs on CUDA (NCCL) or the CPU (gloo), not on MPS: set DEVICE=cpu, "
+                        "or PARALLEL=ddp")
     if cfg.parallel == "fsdp" and dtype == torch.float16:  # its loss scaler would need FSDP's own, untested here
         raise UserError("PARALLEL=fsdp trains in bfloat16 or float32, not float16: set DTYPE=bfloat16 "
                         "(or DTYPE=float32 on GPUs without bfloat16)")
@@ -201,22 +212,31 @@ def print_configuration(cfg, model_config, runtime, use_compile, resumed):
 # ----------------------------------------------------------------------------------------------
 # the model: from a checkpoint (RESUME), from pretrained weights (INIT_FROM) or from scratch
 
-def resume_path(cfg):
-    """Return the checkpoint RESUME names (RESUME=1: the newest in LOG_DIR), or None for a fresh run."""
-    if cfg.resume != "1":
-        return cfg.resume or None
+def resume_path(cfg, master):
+    """Return the checkpoint RESUME names (RESUME=1 or auto: the newest in LOG_DIR), or None for a
+    fresh run."""
+    if cfg.resume not in ("1", "auto"):
+        return os.path.normpath(cfg.resume) if cfg.resume else None  # log/model_00009.dcp/ is in log/
     path = checkpoint.latest_checkpoint(cfg.log_dir)
+    if path is None and cfg.resume == "auto":  # the same command may be launched again and again
+        if master:
+            print(f"RESUME=auto: no checkpoint in {cfg.log_dir}/, starting fresh", flush=True)
+        return None
     if path is None:
         raise UserError(f"RESUME=1 but {cfg.log_dir}/ holds no checkpoint: start without RESUME, "
                         "or set RESUME to a checkpoint's path")
     return path
 
 
-def load_resume_state(path, env_shape, cfg):
+def load_resume_state(path, env_shape, cfg, master):
     """Load the checkpoint to continue from, checked against the model variables and MAX_STEPS."""
     state = checkpoint.load(path)
     checkpoint.require_training_state(state, path)
     check_shape(env_shape, state["config"], f"the checkpoint {path}")
+    if state["step"] + 1 >= cfg.max_steps and cfg.resume == "auto":  # done: a supervisor need not retry
+        if master:
+            print(f"RESUME=auto: {path} already holds the last update ({state['step']}): nothing to train")
+        raise SystemExit(0)
     if state["step"] + 1 >= cfg.max_steps:
         raise UserError(f"{path} already holds update {state['step']}: MAX_STEPS={cfg.max_steps} leaves "
                         "nothing to train; raise MAX_STEPS to continue")
@@ -277,9 +297,10 @@ def claim_log_dir(cfg, state, path, master):
     if not os.access(cfg.log_dir, os.W_OK):  # found now, not at the first checkpoint hours later
         raise UserError(f"LOG_DIR {cfg.log_dir} is not writable")
     if master:
-        for p in foreign:
-            print(f"FORCE=1: deleting {p}")
-            os.remove(p)
+        for step, p in checkpoint.list_checkpoints(cfg.log_dir):
+            if step > owned_through:
+                print(f"FORCE=1: deleting {p}")
+                checkpoint.delete_step(cfg.log_dir, step)
         checkpoint.remove_stale_temporaries(cfg.log_dir)
     return same_dir
 
@@ -482,18 +503,58 @@ def print_samples(run, num_samples=4, max_new_tokens=32):
 # ----------------------------------------------------------------------------------------------
 # checkpoints
 
+class StopSignals:
+    """SIGTERM (what SLURM, Kubernetes and torchrun send before a kill) and the first Ctrl-C ask the
+    run to stop after the update in progress; it then saves a checkpoint and exits with 143 or 130.
+    The handler only takes note: the ranks agree on the update to stop after (`agreed`), and the
+    checkpoint is written by the loop, never from a handler. A repeated SIGTERM changes nothing; a
+    second Ctrl-C stops a single process at once."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+        self.received = 0  # the signal's number, 0 for none
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.note) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exception):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def note(self, signum, frame):
+        if signum == signal.SIGINT == self.received and not self.runtime.distributed:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.received = self.received or signum
+
+    def agreed(self):
+        """Return whether any rank received a signal: one small all-reduce per update."""
+        if not self.runtime.distributed:
+            return self.received != 0
+        flag = torch.tensor([self.received], device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.received = int(flag.item())  # SIGTERM (15) wins over SIGINT (2): every rank exits alike
+        return self.received != 0
+
+    def exit(self, saved):
+        if self.runtime.master:
+            print(f"interrupted: saved checkpoint {saved}; continue with RESUME=1", flush=True)
+        sys.exit(128 + self.received)
+
+
 def save_checkpoint(run, step):
     """Save the state after update `step`, then prune the oldest: $LOG_DIR/model_{step:05d}.pt from
     rank 0, or under FSDP $LOG_DIR/model_{step:05d}.dcp/ from every rank, each its own shards."""
     sharded = run.cfg.parallel == "fsdp"
     target = checkpoint.checkpoint_path(run.cfg.log_dir, step, sharded)
-    state = checkpoint.training_state(run.raw_model, run.optimizer, run.scaler, run.cfg, step, run.val_loss,
-                                      run.train_loader.position, run.runtime.device)
     if sharded or run.runtime.master:
+        state = checkpoint.training_state(run.raw_model, run.optimizer, run.scaler, run.cfg, step, run.val_loss,
+                                          run.train_loader.position, run.runtime.device)
         checkpoint.save(state, target)
     if run.runtime.master:
         checkpoint.prune(run.cfg.log_dir, run.cfg.keep_checkpoints)
         print(f"saved checkpoint {target}")
+    return target
 
 
 if __name__ == "__main__":

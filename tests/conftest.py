@@ -105,3 +105,29 @@ def token_dataset(tmp_path_factory):
         meta["splits"][split] = {"shards": names, "tokens": int(sum(map(len, pieces))), "documents": 0}
     shards.write_meta(str(path), meta)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def hellaswag_rows(tmp_path_factory):
+    """A 6-row HellaSwag file the tiny models of the training tests can score."""
+    rows = [{"ctx": f"Question: What is {i} plus {i}?", "label": i % 4,
+             "endings": [f"Answer: {i + i + k}." for k in range(4)]} for i in range(6)]
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def runs(token_dataset, hellaswag_rows, tmp_path_factory):
+    """The same 20 updates three ways: FSDP on 2 ranks, DDP on 2 ranks, one process accumulating
+    (test_parallel.py compares them; test_faults.py's interrupted runs must reproduce them)."""
+    from test_parallel import STEPS, torchrun
+    from test_train import run_train
+
+    root = tmp_path_factory.mktemp("parallel")
+    fsdp_out = torchrun(token_dataset, root / "fsdp", PARALLEL="fsdp", HELLASWAG_PATH=hellaswag_rows)
+    torchrun(token_dataset, root / "ddp", PARALLEL="ddp", HELLASWAG_PATH=hellaswag_rows)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HELLASWAG_PATH", hellaswag_rows)
+        run_train(mp, token_dataset, root / "single", **STEPS, VAL_STEPS=4)  # 2 ranks x 2 batches
+    return {"root": root, "fsdp_out": fsdp_out, "fsdp": root / "fsdp", "ddp": root / "ddp", "single": root / "single"}

@@ -44,27 +44,6 @@ def evaluations(log_dir):
     return [(r["step"], r["val_loss"], r["hellaswag_acc"]) for r in read_metrics(log_dir) if r["val_loss"]]
 
 
-@pytest.fixture(scope="module")
-def hellaswag_rows(tmp_path_factory):
-    rows = [{"ctx": f"Question: What is {i} plus {i}?", "label": i % 4,
-             "endings": [f"Answer: {i + i + k}." for k in range(4)]} for i in range(6)]
-    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag_val.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def runs(token_dataset, hellaswag_rows, tmp_path_factory):
-    """The same 20 updates three ways: FSDP on 2 ranks, DDP on 2 ranks, one process accumulating."""
-    root = tmp_path_factory.mktemp("parallel")
-    fsdp_out = torchrun(token_dataset, root / "fsdp", PARALLEL="fsdp", HELLASWAG_PATH=hellaswag_rows)
-    torchrun(token_dataset, root / "ddp", PARALLEL="ddp", HELLASWAG_PATH=hellaswag_rows)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HELLASWAG_PATH", hellaswag_rows)
-        run_train(mp, token_dataset, root / "single", **STEPS, VAL_STEPS=4)  # 2 ranks x 2 batches
-    return {"root": root, "fsdp_out": fsdp_out, "fsdp": root / "fsdp", "ddp": root / "ddp", "single": root / "single"}
-
-
 def test_fsdp_ddp_and_one_process_make_the_same_updates(runs):
     assert_close(losses(runs["fsdp"]), losses(runs["ddp"]))
     assert_close(losses(runs["fsdp"]), losses(runs["single"]))
@@ -76,6 +55,7 @@ def test_fsdp_ddp_and_one_process_make_the_same_updates(runs):
 
 def test_evaluation_under_fsdp_equals_ddp(runs):
     fsdp, ddp, single = evaluations(runs["fsdp"]), evaluations(runs["ddp"]), evaluations(runs["single"])
+    assert [step for step, _, _ in fsdp] == [step for step, _, _ in ddp] == [step for step, _, _ in single]
     assert [step for step, _, _ in fsdp] == ["0", "10", "19"]
     for (_, loss_f, acc_f), (_, loss_d, acc_d), (_, loss_s, acc_s) in zip(fsdp, ddp, single):
         assert float(loss_f) == pytest.approx(float(loss_d), abs=1e-5) == pytest.approx(float(loss_s), abs=1e-4)
@@ -106,16 +86,12 @@ def test_a_one_process_checkpoint_continues_under_fsdp_on_two_ranks(runs, token_
     assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("model_00019.dcp")
 
 
+# Resuming a .dcp on the same 2 ranks reproduces the run bit for bit: test_faults.py's SIGTERM test checks it.
+
+
 def test_a_fsdp_checkpoint_continues_under_ddp(runs, token_dataset, tmp_path):
     torchrun(token_dataset, tmp_path, PARALLEL="ddp", HELLASWAG_LIMIT=-1, RESUME=runs["fsdp"] / "model_00009.dcp")
     assert_close(losses(tmp_path), losses(runs["fsdp"], first=10))
-
-
-def test_fsdp_resume_on_the_same_ranks_is_bit_for_bit(runs, token_dataset, hellaswag_rows, tmp_path):
-    torchrun(token_dataset, tmp_path, PARALLEL="fsdp", HELLASWAG_PATH=hellaswag_rows,
-             RESUME=runs["fsdp"] / "model_00009.dcp")
-    assert losses(tmp_path) == losses(runs["fsdp"], first=10)
-    assert evaluations(tmp_path) == evaluations(runs["fsdp"])[1:]
 
 
 def test_every_reader_takes_a_sharded_checkpoint(runs, hellaswag_rows, tmp_path, monkeypatch, capsys):
@@ -201,3 +177,15 @@ def test_single_process_fsdp_resumes_bit_for_bit_and_leaves_no_temporary(token_d
               RESUME=tmp_path / "whole" / "model_00002.dcp")
     assert losses(tmp_path / "resumed") == losses(tmp_path / "whole", first=3)
     assert sorted(os.listdir(tmp_path / "resumed")) == ["metrics.csv", "model_00005.dcp"]
+
+
+def test_force_deletes_sharded_checkpoints_and_a_trailing_slash_resumes_in_place(token_dataset, tmp_path,
+                                                                                  monkeypatch, capsys):
+    run_train(monkeypatch, token_dataset, tmp_path, PARALLEL="fsdp", MAX_STEPS=3, CHECKPOINT_INTERVAL=1)
+    # continuing from update 1 in its own LOG_DIR (as shell completion writes it): update 2's is in the way
+    run_train(monkeypatch, token_dataset, tmp_path, PARALLEL="fsdp", MAX_STEPS=3, CHECKPOINT_INTERVAL=1, FORCE=1,
+              RESUME=f"{tmp_path / 'model_00001.dcp'}/")
+    out = capsys.readouterr().out
+    assert f"FORCE=1: deleting {tmp_path / 'model_00002.dcp'}" in out and "continuing at step 2" in out
+    run_train(monkeypatch, token_dataset, tmp_path, MAX_STEPS=2, CHECKPOINT_INTERVAL=1, FORCE=1)  # a fresh run
+    assert sorted(os.listdir(tmp_path)) == ["metrics.csv", "model_00000.pt", "model_00001.pt"]

@@ -139,6 +139,8 @@ def test_cosine_schedule():
     (dict(PEAK_TFLOPS="-1"), "PEAK_TFLOPS"),
     (dict(VOCAB_SIZE="1000"), "VOCAB_SIZE"),
     (dict(INIT_FROM="gpt5"), "INIT_FROM"),
+    (dict(PARALLEL="zero3"), "PARALLEL"),
+    (dict(PARALLEL="fsdp", DTYPE="float16"), "PARALLEL=fsdp"),
     (dict(DATASET_PATH="/nonexistent/dataset"), "dataset.py"),
     (dict(RESUME="1"), "RESUME"),
     (dict(RESUME="/nonexistent/model_00001.pt"), "/nonexistent/model_00001.pt"),
