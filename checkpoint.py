@@ -32,7 +32,7 @@ from model import GPT, GPTConfig
 
 NAME = re.compile(r"^model_(\d{5,})\.(pt|dcp)$")
 # what a killed save leaves: atomic_write's file (model_NNNNN.pt.tmpPID), or the DCP folder being written
-TEMPORARY = re.compile(r"^model_\d{5,}\.(pt\.tmp\d+|dcp\.tmp)$")
+TEMPORARY = re.compile(r"^model_\d{5,}\.(pt\.tmp\d+|dcp\.tmp|dcp\.deleting)$")
 TRAIN_STATE = "train_state.pt"  # in a .dcp folder: everything but the tensors
 
 
@@ -68,7 +68,7 @@ def delete(path):
     """Delete a checkpoint of either form. A folder is renamed first, so that a kill halfway through
     leaves a temporary the next run removes, never a .dcp folder with some of its shards gone."""
     if os.path.isdir(path):
-        doomed = path + ".tmp"
+        doomed = path + ".deleting"
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
         shutil.rmtree(doomed)
@@ -96,7 +96,8 @@ def remove_stale_temporaries(log_dir):
     if os.path.isdir(log_dir):
         for name in os.listdir(log_dir):
             if TEMPORARY.match(name):
-                delete(os.path.join(log_dir, name))
+                path = os.path.join(log_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,9 +150,10 @@ def save(state, path):
         dist.barrier()  # nobody goes on (to prune, or to the next save) before the rename
         failure = failure or rank_0_failure[0]
     if failure:
+        error = cannot_write(path, failure)  # before the temporary goes: a full disk is still full
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise cannot_write(path, failure) from None
+        raise error from None
 
 
 class WriteErrors:

@@ -154,17 +154,22 @@ def setup(device="auto", dtype="auto", group_of_one=False):
 
 def meeting_point(rank, world_size):
     """Return how init_process_group finds the other ranks: by itself (torchrun's variables), in a
-    store of its own for a single process, or, in a group torchrun has restarted, under a prefix of
-    its own in torchrun's store. Without that prefix the restarted ranks can read the peer
-    addresses the previous attempt left there and hang or fail connecting to them."""
+    store of its own for a single process, or, in a one-machine group torchrun has restarted, under
+    a prefix of its own in torchrun's store. Without that prefix the restarted ranks can read the
+    peer addresses the previous attempt left there and hang or fail connecting to them. (Across
+    machines each agent counts its own restarts, so the count is no shared name: README says what
+    to set there.)"""
     if world_size == 1:
         return dict(store=dist.HashStore(), rank=0, world_size=1)
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if restart is None:
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0" or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
         return {}
+    from torch.distributed.constants import default_pg_timeout
+
     agent_serves = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=not agent_serves and rank == 0)
+                          is_master=not agent_serves and rank == 0, timeout=default_pg_timeout,
+                          multi_tenant=True)
     return dict(store=dist.PrefixStore(f"mini-gpt2/attempt_{restart}/", store), rank=rank, world_size=world_size)
 
 

@@ -115,6 +115,8 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
                                           cfg.weight_decay)
         start_step, val_loss = state["step"] + 1, state["val_loss"]
         continue_run(cfg, state, resume_from, master)
+    if runtime.distributed:  # RESUME=auto with a LOG_DIR some nodes do not share would split the ranks
+        check_same_start(start_step, runtime)
     elif cfg.init_from != "scratch" and master:
         print(f"fine-tuning from {cfg.init_from}")
     hellaswag_rows = load_hellaswag(cfg.hellaswag_limit, runtime)
@@ -163,7 +165,7 @@ def train(run, stop):
         stopping = stop.agreed()  # SIGTERM or Ctrl-C on any rank: every rank stops after this update
         if (step + 1) % cfg.checkpoint_interval == 0 or last_step or stopping:
             saved = save_checkpoint(run, step)
-        if stopping:
+        if stopping and not last_step:  # after the last update the run is simply done
             stop.exit(saved)
     if master:
         run.metrics.close()
@@ -190,7 +192,7 @@ def check_settings(cfg, world_size):
     if cfg.parallel == "fsdp" and dtype == torch.float16:  # its loss scaler would need FSDP's own, untested here
         raise UserError("PARALLEL=fsdp trains in bfloat16 or float32, not float16: set DTYPE=bfloat16 "
                         "(or DTYPE=float32 on GPUs without bfloat16)")
-    if not cfg.resume and cfg.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(cfg.init_from):
+    if cfg.resume in ("", "auto") and cfg.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(cfg.init_from):
         raise UserError(f"INIT_FROM must be scratch, {', '.join(PRETRAINED)} or a directory holding a "
                         f"GPT2LMHeadModel, got {cfg.init_from!r} (no such directory)")
 
@@ -216,7 +218,7 @@ def resume_path(cfg, master):
     """Return the checkpoint RESUME names (RESUME=1 or auto: the newest in LOG_DIR), or None for a
     fresh run."""
     if cfg.resume not in ("1", "auto"):
-        return os.path.normpath(cfg.resume) if cfg.resume else None  # log/model_00009.dcp/ is in log/
+        return cfg.resume or None
     path = checkpoint.latest_checkpoint(cfg.log_dir)
     if path is None and cfg.resume == "auto":  # the same command may be launched again and again
         if master:
@@ -241,6 +243,16 @@ def load_resume_state(path, env_shape, cfg, master):
         raise UserError(f"{path} already holds update {state['step']}: MAX_STEPS={cfg.max_steps} leaves "
                         "nothing to train; raise MAX_STEPS to continue")
     return state
+
+
+def check_same_start(start_step, runtime):
+    """Stop when the ranks would start at different updates (each found its own newest checkpoint)."""
+    steps = torch.tensor([start_step, -start_step], device=runtime.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    latest, earliest = int(steps[0]), -int(steps[1])
+    if latest != earliest:
+        raise UserError(f"the ranks would start at different updates ({earliest} to {latest}): every node must "
+                        "see the same LOG_DIR (a shared filesystem)")
 
 
 def model_to_train(cfg, env_shape, state, path):
@@ -282,7 +294,8 @@ def claim_log_dir(cfg, state, path, master):
     any other checkpoint there is someone else's: stop, unless FORCE=1 says to delete them.
     Returns whether the run continues a checkpoint of LOG_DIR itself.
     """
-    same_dir = path is not None and os.path.abspath(os.path.dirname(path)) == os.path.abspath(cfg.log_dir)
+    # (normpath: shell completion writes a .dcp folder as log/model_00009.dcp/, which lives in log/)
+    same_dir = path is not None and os.path.abspath(os.path.dirname(os.path.normpath(path))) == os.path.abspath(cfg.log_dir)
     owned_through = state["step"] if same_dir else -1
     foreign = [p for step, p in checkpoint.list_checkpoints(cfg.log_dir) if step > owned_through]
     if foreign and not cfg.force:
@@ -523,7 +536,7 @@ class StopSignals:
             signal.signal(s, handler)
 
     def note(self, signum, frame):
-        if signum == signal.SIGINT == self.received and not self.runtime.distributed:
+        if signum == signal.SIGINT == self.received and self.runtime.world_size == 1:
             raise KeyboardInterrupt  # the second Ctrl-C
         self.received = self.received or signum
 
@@ -533,10 +546,14 @@ class StopSignals:
             return self.received != 0
         flag = torch.tensor([self.received], device=self.runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.received = int(flag.item())  # SIGTERM (15) wins over SIGINT (2): every rank exits alike
-        return self.received != 0
+        agreed = int(flag.item())  # SIGTERM (15) wins over SIGINT (2): every rank exits alike
+        if agreed:  # never lowered: a signal that came during the all-reduce counts at the next update
+            self.received = agreed
+        return agreed != 0
 
     def exit(self, saved):
+        if self.runtime.distributed:
+            dist.barrier()  # no rank leaves (and has torchrun stop the others) before the checkpoint is whole
         if self.runtime.master:
             print(f"interrupted: saved checkpoint {saved}; continue with RESUME=1", flush=True)
         sys.exit(128 + self.received)

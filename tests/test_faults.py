@@ -12,8 +12,11 @@ import pytest
 import torch
 
 import checkpoint
-from test_parallel import STEPS, TORCHRUN, losses
+from test_parallel import STEPS, TORCHRUN, evaluations, losses
 from test_train import ROOT, read_metrics, run_train, subprocess_env
+
+
+SLOW = dict(MAX_STEPS=12, CHECKPOINT_INTERVAL=1000, TOTAL_BATCH_SIZE=1024)  # updates long enough to signal into
 
 
 def start(command, env):
@@ -66,32 +69,32 @@ def test_resume_auto_starts_fresh_continues_and_knows_when_it_is_done(token_data
 
 @pytest.fixture(scope="module")
 def uninterrupted(token_dataset, tmp_path_factory):
-    """40 updates in one process, the run the interrupted ones must reproduce."""
+    """12 updates of 8 micro-batches in one process, the run the interrupted ones must reproduce."""
     log_dir = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as mp:
-        run_train(mp, token_dataset, log_dir, MAX_STEPS=40, CHECKPOINT_INTERVAL=1000)
+        run_train(mp, token_dataset, log_dir, **SLOW)
     return log_dir
 
 
 def test_sigterm_twice_saves_once_exits_143_and_resumes_to_the_same_weights(token_dataset, uninterrupted, tmp_path,
                                                                            monkeypatch, capsys):
-    process = start([sys.executable, "train.py"],
-                    subprocess_env(token_dataset, tmp_path, MAX_STEPS=40, CHECKPOINT_INTERVAL=1000))
+    process = start([sys.executable, "train.py"], subprocess_env(token_dataset, tmp_path, **SLOW))
     wait_for(rows_written(tmp_path, 3), process, "three updates")
     process.send_signal(signal.SIGTERM)
+    time.sleep(0.05)  # two signals at once would reach Python's handler as one
     process.send_signal(signal.SIGTERM)  # launchers may deliver it twice: ignored
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, err[-2000:]
     saved = checkpoint.list_checkpoints(str(tmp_path))
-    assert len(saved) == 1 and 3 <= saved[0][0] < 39
+    assert len(saved) == 1 and 3 <= saved[0][0] < 11
     assert out.strip().splitlines()[-1] == f"interrupted: saved checkpoint {saved[0][1]}; continue with RESUME=1"
-    run_train(monkeypatch, token_dataset, tmp_path, MAX_STEPS=40, CHECKPOINT_INTERVAL=1000, RESUME=1)
+    run_train(monkeypatch, token_dataset, tmp_path, **SLOW, RESUME=1)
     assert losses(tmp_path) == losses(uninterrupted)
-    assert_same_weights(final_weights(tmp_path / "model_00039.pt"), final_weights(uninterrupted / "model_00039.pt"))
+    assert_same_weights(final_weights(tmp_path / "model_00011.pt"), final_weights(uninterrupted / "model_00011.pt"))
 
 
 def test_ctrl_c_saves_and_exits_130_and_a_second_one_stops_at_once(token_dataset, tmp_path):
-    env = subprocess_env(token_dataset, tmp_path / "once", MAX_STEPS=40, CHECKPOINT_INTERVAL=1000)
+    env = subprocess_env(token_dataset, tmp_path / "once", **SLOW)
     process = start([sys.executable, "train.py"], env)
     wait_for(rows_written(tmp_path / "once", 3), process, "three updates")
     process.send_signal(signal.SIGINT)
@@ -100,8 +103,7 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_stops_at_once(token_dataset
     assert len(checkpoint.list_checkpoints(str(tmp_path / "once"))) == 1
 
     # longer updates (16 micro-batches), so that the second Ctrl-C comes while the first waits for one to end
-    env = subprocess_env(token_dataset, tmp_path / "twice", MAX_STEPS=40, CHECKPOINT_INTERVAL=1000,
-                         TOTAL_BATCH_SIZE=2048)
+    env = subprocess_env(token_dataset, tmp_path / "twice", **{**SLOW, "TOTAL_BATCH_SIZE": 8192})
     process = start([sys.executable, "train.py"], env)
     wait_for(rows_written(tmp_path / "twice", 1), process, "an update")
     process.send_signal(signal.SIGINT)
@@ -127,6 +129,7 @@ def test_sigterm_under_torchrun_saves_and_resumes_to_the_same_weights(runs, toke
                             env={**env, "RESUME": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(tmp_path) == losses(runs[parallel])
+    assert evaluations(tmp_path) == evaluations(runs[parallel])  # validation and HellaSwag too
     final = checkpoint.list_checkpoints(str(tmp_path))[-1][1]
     assert_same_weights(final_weights(final), final_weights(checkpoint.latest_checkpoint(str(runs[parallel]))))
 

@@ -1,7 +1,6 @@
 """PARALLEL=fsdp: FSDP2 on CPU ranks (gloo) makes DDP's updates and evaluations, and its sharded
 checkpoints (model_NNNNN.dcp/) resume under any world size and read like .pt files everywhere."""
 
-import json
 import os
 import pickle
 import subprocess

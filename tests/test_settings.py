@@ -14,7 +14,7 @@ from env import UserError, read
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
-            "TORCHELASTIC_USE_AGENT_STORE"}  # set by torchrun, never by hand: not settings
+            "TORCHELASTIC_USE_AGENT_STORE", "GROUP_WORLD_SIZE"}  # set by torchrun, never by hand: not settings
 
 
 def readme_rows():
