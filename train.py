@@ -115,10 +115,10 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
                                           cfg.weight_decay)
         start_step, val_loss = state["step"] + 1, state["val_loss"]
         continue_run(cfg, state, resume_from, master)
-    if runtime.distributed:  # RESUME=auto with a LOG_DIR some nodes do not share would split the ranks
-        check_same_start(start_step, runtime)
     elif cfg.init_from != "scratch" and master:
         print(f"fine-tuning from {cfg.init_from}")
+    if runtime.distributed:  # RESUME=auto with a LOG_DIR some nodes do not share would split the ranks
+        check_same_start(start_step, runtime)
     hellaswag_rows = load_hellaswag(cfg.hellaswag_limit, runtime)
     metrics_file = None
     if master:
