@@ -97,7 +97,10 @@ def remove_stale_temporaries(log_dir):
         for name in os.listdir(log_dir):
             if TEMPORARY.match(name):
                 path = os.path.join(log_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +377,6 @@ def model_path_from_env():
     return resolve_path(chosen, "train one with train.py, or set TESTING_MODEL_PATH")
 
 
-
 def load_testing_model():
     """Load the model generate.py and prompt.py talk to, printing their progress lines: the
     checkpoint of TESTING_MODEL_PATH (or the newest in LOG_DIR) on DEVICE, in DTYPE. Returns
@@ -385,6 +387,7 @@ def load_testing_model():
     print("Loading checkpoint...")
     model, _ = load_model(path, runtime.device, say=print, say_loaded=True)
     return model, runtime
+
 
 # ----------------------------------------------------------------------------------------------
 # the training state: what RESUME needs beyond the weights to continue a run exactly

@@ -77,20 +77,27 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt options
+
+
 def keep_freed_memory():
     """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
 
     A CPU training step allocates and frees buffers of hundreds of MB; by default glibc maps each
-    one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again (the
-    README's Performance section has the figures). Same as MALLOC_MMAP_MAX_=0
+    one fresh and unmaps it on free, so every step pays for the kernel zeroing new pages again.
+    Same as MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=2147483647, but it holds for a user who just types `uv run train.py`.
     """
+    return mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
+
+
+def mallopt(options):
+    """Set glibc's allocator options ({option: value}); return False where there is no glibc."""
     if platform.system() != "Linux":
         return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return all([bool(libc.mallopt(M_MMAP_MAX, 0)), bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))])
+        return all([bool(libc.mallopt(option, value)) for option, value in options.items()])
     except (OSError, AttributeError):
         return False  # not glibc (musl, ...): nothing to tune
 
@@ -133,9 +140,7 @@ def pick_dtype(device, requested="auto"):
 def setup(device="auto", dtype="auto", group_of_one=False):
     """Pick device and precision; under torchrun also join the process group (NCCL or gloo).
     group_of_one: a single process gets a process group of its own too (FSDP shards over one)."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank, world_size = launched()
     chosen = pick_device(device, local_rank)
     runtime = Runtime(chosen, pick_dtype(chosen, dtype), rank, local_rank, world_size)
     if (world_size > 1 or group_of_one) and not dist.is_initialized():
@@ -150,6 +155,11 @@ def setup(device="auto", dtype="auto", group_of_one=False):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever runs outside autocast
         torch.backends.cudnn.allow_tf32 = True
     return runtime
+
+
+def launched():
+    """Return (rank, local_rank, world_size) as torchrun set them: (0, 0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def meeting_point(rank, world_size):

@@ -88,9 +88,10 @@ def env_flag(name, default=False):
     value = _raw(name)
     if value is None:
         return default
-    if on_off(value) is None:
+    flag = on_off(value)
+    if flag is None:
         raise UserError(f"{name} must be 0 or 1, got {value!r}")
-    return on_off(value)
+    return flag
 
 
 def setting(default, minimum=None):
@@ -108,11 +109,8 @@ def read(cls, only=None):
     for field in dataclasses.fields(cls):
         if only is not None and field.name not in only:
             continue
-        reader = READERS[field.type]
-        if "minimum" in field.metadata:
-            values[field.name] = reader(field.name.upper(), field.default, minimum=field.metadata["minimum"])
-        else:
-            values[field.name] = reader(field.name.upper(), field.default)
+        limits = {"minimum": field.metadata["minimum"]} if "minimum" in field.metadata else {}
+        values[field.name] = READERS[field.type](field.name.upper(), field.default, **limits)
     return cls(**values)
 
 

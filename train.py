@@ -32,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import device
+import metrics
 import sampling
 import shards
 import tokenizer
 from env import UserError, cli, is_set
-import metrics
 from model import GPT, GPT2_VOCAB_SIZE
 from settings import GPTConfig, TrainConfig
 
@@ -49,8 +49,9 @@ def main():
     # the settings: everything that can be wrong with them is found before any work starts
     cfg = TrainConfig.from_env()
     env_shape = GPTConfig.from_env()
-    check_settings(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    master = os.environ.get("RANK", "0") == "0"
+    rank, _, world_size = device.launched()
+    check_settings(cfg, world_size)
+    master = rank == 0
     resume_from = resume_path(cfg, master)
     state = load_resume_state(resume_from, env_shape, cfg, master) if resume_from else None
     shards.shard_paths(cfg.dataset_path, "train")
@@ -86,6 +87,7 @@ class Run:
     start_step: int
     val_loss: float | None  # the last one measured, saved in checkpoints
     peak_flops: float | None  # of one device, for MFU; None: unknown
+    gathered: GPT | None = None  # under FSDP, the whole copy of the current weights (whole_model)
 
 
 def set_up(cfg, runtime, raw_model, state, resume_from):
@@ -142,6 +144,7 @@ def train(run, stop):
         if step > 0 and step % cfg.sample_interval == 0:
             print_samples(run)
 
+        run.gathered = None  # the update changes the weights: a copy whole_model gathered goes first
         t0 = time.perf_counter()
         lr = get_lr(step, cfg)
         loss, norm = train_step(run.model, run.optimizer, run.scaler, run.train_loader, runtime,
@@ -297,10 +300,10 @@ def claim_log_dir(cfg, state, path, master):
     # (normpath: shell completion writes a .dcp folder as log/model_00009.dcp/, which lives in log/)
     same_dir = path is not None and os.path.abspath(os.path.dirname(os.path.normpath(path))) == os.path.abspath(cfg.log_dir)
     owned_through = state["step"] if same_dir else -1
-    foreign = [p for step, p in checkpoint.list_checkpoints(cfg.log_dir) if step > owned_through]
+    foreign = [(step, p) for step, p in checkpoint.list_checkpoints(cfg.log_dir) if step > owned_through]
     if foreign and not cfg.force:
         what = "continues from an older checkpoint, but" if same_dir else "would start here, but"
-        raise UserError(f"this run {what} {cfg.log_dir}/ already holds {os.path.basename(foreign[-1])}"
+        raise UserError(f"this run {what} {cfg.log_dir}/ already holds {os.path.basename(foreign[-1][1])}"
                         f"{f' and {len(foreign) - 1} more checkpoints' if len(foreign) > 1 else ''}: set RESUME=1 "
                         "to continue that run, FORCE=1 to delete them and start over, or choose another LOG_DIR")
     try:
@@ -310,10 +313,9 @@ def claim_log_dir(cfg, state, path, master):
     if not os.access(cfg.log_dir, os.W_OK):  # found now, not at the first checkpoint hours later
         raise UserError(f"LOG_DIR {cfg.log_dir} is not writable")
     if master:
-        for step, p in checkpoint.list_checkpoints(cfg.log_dir):
-            if step > owned_through:
-                print(f"FORCE=1: deleting {p}")
-                checkpoint.delete_step(cfg.log_dir, step)
+        for step, p in foreign:
+            print(f"FORCE=1: deleting {p}")
+            checkpoint.delete_step(cfg.log_dir, step)
         checkpoint.remove_stale_temporaries(cfg.log_dir)
     return same_dir
 
@@ -359,18 +361,20 @@ def parallelize(raw_model, runtime, parallel, use_compile):
 
 def whole_model(run):
     """Return the current weights as one plain GPT on every rank, for evaluation and samples: the
-    raw model, or under FSDP a copy gathered from the shards (every rank must call this then; the
-    copy lives only while it is used)."""
+    raw model, or under FSDP a copy gathered from the shards (every rank must call this then). The
+    copy serves the evaluation and the samples of one step, and is dropped before the update."""
     if run.cfg.parallel != "fsdp":
         return run.raw_model
-    with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
-        copy = GPT(run.raw_model.config)
-    copy.to_empty(device=run.runtime.device)
-    copy.transformer.wte.weight = copy.lm_head.weight  # to_empty unties them
-    with torch.no_grad():
-        for name, parameter in run.raw_model.named_parameters():
-            copy.get_parameter(name).copy_(parameter.full_tensor())
-    return copy.eval()
+    if run.gathered is None:
+        with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
+            copy = GPT(run.raw_model.config)
+        copy.to_empty(device=run.runtime.device)
+        copy.transformer.wte.weight = copy.lm_head.weight  # to_empty unties them
+        with torch.no_grad():
+            for name, parameter in run.raw_model.named_parameters():
+                copy.get_parameter(name).copy_(parameter.full_tensor())
+        run.gathered = copy.eval()
+    return run.gathered
 
 
 # ----------------------------------------------------------------------------------------------

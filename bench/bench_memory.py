@@ -124,14 +124,13 @@ def main():
     def column(side, key):
         return report.spread([rank[key] for rank in runs[side]])
 
+    for rank in runs["ddp"] + runs["fsdp"]:
+        rank["persistent"] = rank["parameters"] + rank["gradients"] + rank["optimizer"]
     mib = 2**20
     rows, figures = [], {}
     for key, label in (("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "AdamW state"),
                        ("persistent", "persistent state"), ("ddp_buckets", "DDP gradient buckets"),
                        ("peak_rss", "peak RSS"), ("step_s", "step time (s)")):
-        for side in SIDES:
-            for rank in runs[side]:
-                rank["persistent"] = rank["parameters"] + rank["gradients"] + rank["optimizer"]
         values = {side: column(side, key) for side in SIDES if key in runs[side][0]}
         figures[key] = values
         scale = 1 if key == "step_s" else mib

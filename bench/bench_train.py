@@ -18,10 +18,8 @@ precision from the same initial weights and batches, and reports the mean loss o
 each (the performance issue asks for them to agree within 0.02).
 """
 
-import ctypes
 import dataclasses
 import os
-import platform
 import tempfile
 import time
 
@@ -122,15 +120,8 @@ def set_allocator(keep_freed):
     thresholds, as keep_freed_memory makes, stops that self-adjustment."""
     if keep_freed:
         return device.keep_freed_memory()
-    if platform.system() != "Linux":
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-    settings = {M_MMAP_MAX: 65536, M_MMAP_THRESHOLD: 32 * 2**20, M_TRIM_THRESHOLD: 64 * 2**20}
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all([bool(libc.mallopt(option, value)) for option, value in settings.items()])
-    except (OSError, AttributeError):
-        return False
+    return device.mallopt({device.M_MMAP_MAX: 65536, device.M_MMAP_THRESHOLD: 32 * 2**20,
+                           device.M_TRIM_THRESHOLD: 64 * 2**20})
 
 
 def timed_tokens_per_s(setup, steps, runtime):
