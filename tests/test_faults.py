@@ -124,7 +124,7 @@ def test_sigterm_under_torchrun_saves_and_resumes_to_the_same_weights(runs, toke
     out, err = process.communicate(timeout=120)
     assert process.returncode != 0 and "interrupted: saved checkpoint" in out, (out[-2000:], err[-2000:])
     stopped_after = checkpoint.list_checkpoints(str(tmp_path))[-1][0]
-    assert 1 <= stopped_after < 19
+    assert 0 <= stopped_after < 19  # the signal may land before the first update's stop check
     result = subprocess.run(TORCHRUN, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**env, "RESUME": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
