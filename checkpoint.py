@@ -395,14 +395,20 @@ def load_testing_model():
 TRAINING_KEYS = {"optimizer": dict, "step": int, "loader": int, "rng": dict, "train_config": dict}
 
 
-def training_state(model, optimizer, scaler, train_config, step, val_loss, loader_position, device):
+def optimizer_key(optimizer):
+    """Return the checkpoint key of an optimizer's state: "optimizer" is AdamW's, as it always was,
+    and Muon's goes beside it under "muon"."""
+    return "muon" if isinstance(optimizer, torch.optim.Muon) else "optimizer"
+
+
+def training_state(model, optimizers, scaler, train_config, step, val_loss, loader_position, device):
     """Return everything after update `step`, as tensors and plain Python values only (weights_only=True reads it)."""
-    optimizer_state = optimizer.state_dict()
+    optimizer_states = {optimizer_key(optimizer): optimizer.state_dict() for optimizer in optimizers}
     if scaler.is_enabled():
-        optimizer_state["grad_scaler"] = scaler.state_dict()  # the fp16 loss scale
+        optimizer_states["optimizer"]["grad_scaler"] = scaler.state_dict()  # the fp16 loss scale
     return {
         "model": model.state_dict(),
-        "optimizer": optimizer_state,
+        **optimizer_states,
         "config": model.config.shape(),
         "train_config": asdict(train_config),
         "step": step,
@@ -428,14 +434,18 @@ def require_training_state(state, path):
             raise UserError(f"{path} cannot resume training: its '{key}' entry is missing or not a {kind.__name__}")
     if not isinstance(state["rng"].get("cpu"), torch.Tensor):
         raise UserError(f"{path} cannot resume training: it holds no CPU random-number state")
+    if state["train_config"].get("optimizer") == "muon" and not isinstance(state.get("muon"), dict):
+        raise UserError(f"{path} cannot resume training: it was trained with Muon but holds no 'muon' entry")
 
 
-def restore_training_state(state, path, optimizer, scaler, loader, device, weight_decay):
-    """Put the optimizer, loss scale, data position and random numbers back as they were after update `step`."""
-    saved = dict(state["optimizer"])
-    scaler_state = saved.pop("grad_scaler", None)
+def restore_training_state(state, path, optimizers, scaler, loader, device, weight_decay):
+    """Put the optimizers, loss scale, data position and random numbers back as they were after update `step`."""
+    scaler_state = state["optimizer"].get("grad_scaler")
     try:
-        optimizer.load_state_dict(shard_like_parameters(saved, optimizer))
+        for optimizer in optimizers:
+            saved = {key: value for key, value in state[optimizer_key(optimizer)].items() if key != "grad_scaler"}
+            optimizer.load_state_dict(shard_like_parameters(saved, optimizer))
+            optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0 decays; WEIGHT_DECAY may have changed
         if scaler_state and scaler.is_enabled():
             scaler.load_state_dict(scaler_state)
         torch.set_rng_state(state["rng"]["cpu"])
@@ -445,7 +455,6 @@ def restore_training_state(state, path, optimizer, scaler, loader, device, weigh
             torch.mps.set_rng_state(state["rng"]["mps"])
     except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as error:
         raise UserError(f"{path} holds an optimizer state this model cannot use: {reason(error)}") from None
-    optimizer.param_groups[0]["weight_decay"] = weight_decay  # group 0 decays; WEIGHT_DECAY may have changed
     loader.position = state["loader"] % loader.total
 
 

@@ -56,6 +56,7 @@ class TrainConfig:
     warmup_steps: int = setting(715, minimum=0)
     max_steps: int = 19073
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
     dataset_path: str = "natural_reasoning"
     log_dir: str = "log"
     eval_interval: int = 250

@@ -54,6 +54,7 @@ def main():
     master = rank == 0
     resume_from = resume_path(cfg, master)
     state = load_resume_state(resume_from, env_shape, cfg, master) if resume_from else None
+    choose_optimizer(cfg, state, resume_from)
     shards.shard_paths(cfg.dataset_path, "train")
     shards.shard_paths(cfg.dataset_path, "val")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -77,7 +78,7 @@ class Run:
     runtime: device.Runtime
     raw_model: GPT  # checkpoints save this one (under FSDP, sharded in place), evaluation a whole copy...
     model: torch.nn.Module  # ...and the updates run through this one: compiled, DDP-wrapped or sharded
-    optimizer: torch.optim.Optimizer
+    optimizers: list  # AdamW; with OPTIMIZER=muon, Muon too
     scaler: torch.amp.GradScaler
     train_loader: shards.TokenLoader
     val_loader: shards.TokenLoader
@@ -109,11 +110,12 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
                                 for split in ("train", "val"))
     raw_model.to(runtime.device)
     model = parallelize(raw_model, runtime, cfg.parallel, use_compile)
-    optimizer = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master)
+    optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master,
+                                                optimizer=cfg.optimizer)
     scaler = grad_scaler(runtime)
     start_step, val_loss = 0, None
     if state is not None:
-        checkpoint.restore_training_state(state, resume_from, optimizer, scaler, train_loader, runtime.device,
+        checkpoint.restore_training_state(state, resume_from, optimizers, scaler, train_loader, runtime.device,
                                           cfg.weight_decay)
         start_step, val_loss = state["step"] + 1, state["val_loss"]
         continue_run(cfg, state, resume_from, master)
@@ -126,7 +128,7 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
     if master:
         metrics_file = metrics.open_for_run(os.path.join(cfg.log_dir, "metrics.csv"),
                                             keep_through=state["step"] if resuming_in_place else None)
-    return Run(cfg, runtime, raw_model, model, optimizer, scaler, train_loader, val_loader, hellaswag_rows, metrics_file,
+    return Run(cfg, runtime, raw_model, model, optimizers, scaler, train_loader, val_loader, hellaswag_rows, metrics_file,
                grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops))
 
 
@@ -147,7 +149,7 @@ def train(run, stop):
         run.gathered = None  # the update changes the weights: a copy whole_model gathered goes first
         t0 = time.perf_counter()
         lr = get_lr(step, cfg)
-        loss, norm = train_step(run.model, run.optimizer, run.scaler, run.train_loader, runtime,
+        loss, norm = train_step(run.model, run.optimizers, run.scaler, run.train_loader, runtime,
                                 run.grad_accum_steps, lr)
         loss, norm = loss.item(), norm.item()  # waits for the device
         dt = time.perf_counter() - t0
@@ -181,6 +183,8 @@ def check_settings(cfg, world_size):
     """Stop on bad combinations that need no files and no model to find."""
     if cfg.parallel not in ("ddp", "fsdp"):
         raise UserError(f"PARALLEL must be ddp or fsdp, got {cfg.parallel!r}")
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise UserError(f"OPTIMIZER must be adamw or muon, got {cfg.optimizer!r}")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"MIN_LR ({cfg.min_lr}) must not exceed MAX_LR ({cfg.max_lr})")
     micro_tokens = cfg.batch_size * cfg.seq_length * world_size
@@ -246,6 +250,20 @@ def load_resume_state(path, env_shape, cfg, master):
         raise UserError(f"{path} already holds update {state['step']}: MAX_STEPS={cfg.max_steps} leaves "
                         "nothing to train; raise MAX_STEPS to continue")
     return state
+
+
+def choose_optimizer(cfg, state, path):
+    """Resume with the optimizer the checkpoint was trained with (AdamW, where it records none): an
+    explicit OPTIMIZER that differs stops. Muon needs whole matrices, so not FSDP's shards."""
+    if state is not None:
+        trained_with = state["train_config"].get("optimizer", "adamw")
+        if is_set("OPTIMIZER") and cfg.optimizer != trained_with:
+            raise UserError(f"OPTIMIZER={cfg.optimizer} disagrees with the checkpoint {path}, trained with "
+                            f"{trained_with}: unset OPTIMIZER (a resumed run keeps its optimizer), or start a new run")
+        cfg.optimizer = trained_with
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
+        raise UserError("OPTIMIZER=muon runs with PARALLEL=ddp, not fsdp: under FSDP Muon would orthogonalise "
+                        "each rank's shard of a matrix instead of the whole matrix")
 
 
 def check_same_start(start_step, runtime):
@@ -396,10 +414,11 @@ def grad_scaler(runtime):
     return torch.amp.GradScaler(runtime.device_type, enabled=runtime.dtype == torch.float16)
 
 
-def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
+def train_step(model, optimizers, scaler, loader, runtime, grad_accum_steps, lr):
     """Make one update from grad_accum_steps micro-batches per rank; return (mean loss, gradient norm) tensors."""
     model.train()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=runtime.device)
     for micro_step in range(grad_accum_steps):
         x, y = to_device(loader.next_batch(), runtime)
@@ -415,11 +434,13 @@ def train_step(model, optimizer, scaler, loader, runtime, grad_accum_steps, lr):
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
     all_ranks_mean(loss_accum, runtime)
-    scaler.unscale_(optimizer)
+    for optimizer in optimizers:
+        scaler.unscale_(optimizer)
     norm = clip_gradients(model.parameters(), 1.0)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.step(optimizer)
+    for optimizer in optimizers:  # one schedule for both: Muon's match_rms_adamw makes MAX_LR mean the same
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)
     scaler.update()
     return loss_accum, norm
 
@@ -569,7 +590,7 @@ def save_checkpoint(run, step):
     sharded = run.cfg.parallel == "fsdp"
     target = checkpoint.checkpoint_path(run.cfg.log_dir, step, sharded)
     if sharded or run.runtime.master:
-        state = checkpoint.training_state(run.raw_model, run.optimizer, run.scaler, run.cfg, step, run.val_loss,
+        state = checkpoint.training_state(run.raw_model, run.optimizers, run.scaler, run.cfg, step, run.val_loss,
                                           run.train_loader.position, run.runtime.device)
         checkpoint.save(state, target)
     if run.runtime.master:

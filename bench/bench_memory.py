@@ -56,17 +56,17 @@ def worker(args):
     torch.manual_seed(0)
     raw = GPT(GPTConfig(vocab_size=50304, block_size=1024, **CONFIGS[args.config]))
     model = train.parallelize(raw, runtime, args.parallel, use_compile=False)
-    optimizer = raw.configure_optimizers(0.1, 6e-4, "cpu", verbose=False)
+    optimizers = raw.configure_optimizers(0.1, 6e-4, "cpu", verbose=False)
     scaler = train.grad_scaler(runtime)
     loader = shards.TokenLoader(args.dataset, "train", args.batch_size, args.seq_length, runtime.rank,
                                 runtime.world_size, verbose=False)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        train.train_step(model, optimizer, scaler, loader, runtime, 1, 6e-4)
+        train.train_step(model, optimizers, scaler, loader, runtime, 1, 6e-4)
         times.append(time.perf_counter() - start)
     parameters = list(raw.parameters())
-    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    state = [t for optimizer in optimizers for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
     figures = {"parameters": local_bytes(parameters), "gradients": local_bytes(p.grad for p in parameters),
                "optimizer": local_bytes(state), "peak_rss": peak_rss(), "step_s": statistics.median(times[1:])}
     if args.parallel == "ddp":  # DDP keeps a flat bucket per group of gradients, as large as they are

@@ -64,14 +64,14 @@ class Setup:
 
     def __init__(self, name, runtime, dataset_path, use_compile, batch_size=8, seq_length=256, seed=1337):
         self.raw, self.model = make_model(name, runtime, use_compile, seq_length, seed)
-        self.optimizer = self.raw.configure_optimizers(0.1, 6e-4, runtime.device_type, verbose=False)
+        self.optimizers = self.raw.configure_optimizers(0.1, 6e-4, runtime.device_type, verbose=False)
         self.scaler = train.grad_scaler(runtime)
         self.loader = shards.TokenLoader(dataset_path, "train", batch_size, seq_length, verbose=False)
         self.runtime = runtime
         self.B, self.T = batch_size, seq_length
 
     def step(self, lr=6e-4):
-        loss, _ = train.train_step(self.model, self.optimizer, self.scaler, self.loader, self.runtime, 1, lr)
+        loss, _ = train.train_step(self.model, self.optimizers, self.scaler, self.loader, self.runtime, 1, lr)
         return loss.item()  # waits for the device, as train.py's loop does
 
 

@@ -30,7 +30,7 @@ def good(tmp_path):
     """A small checkpoint in train.py's format, and its state."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SHAPE))
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu", verbose=False)
+    [optimizer] = model.configure_optimizers(0.1, 1e-3, "cpu", verbose=False)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": dict(SHAPE),
              "train_config": {"max_steps": 10}, "step": 4, "val_loss": 3.5, "loader": 1234,
              "rng": {"cpu": torch.get_rng_state()}}

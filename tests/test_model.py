@@ -8,9 +8,11 @@ from torch.nn import functional as F
 
 from env import UserError
 import model as model_module
-from model import GPT, GPTConfig, KVCache
+from model import GPT, GPTConfig, KVCache, newton_schulz_float32
 
 TINY = dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)
+# torch's own Newton-Schulz, read when pytest imports this file, before any test's Muon can replace it
+TORCH_NEWTON_SCHULZ = torch.optim._muon._zeropower_via_newtonschulz
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,46 @@ def test_optimizer_groups_print_original_counts(capsys):
     assert "num non-decayed parameter tensors: 18, with 3,584 parameters" in out
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_groups_cover_every_parameter_exactly_once(optimizer, capsys):
+    model = GPT(GPTConfig(block_size=256, vocab_size=50257, n_layer=2, n_head=2, n_embd=128))
+    optimizers = model.configure_optimizers(0.1, 6e-4, "cpu", optimizer=optimizer)
+    names = {id(p): name for name, p in model.named_parameters()}  # wte and lm_head: one tensor, one name
+    grouped = [names[id(p)] for o in optimizers for group in o.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(names.values())
+    out = capsys.readouterr().out
+    if optimizer == "adamw":
+        assert [type(o) for o in optimizers] == [torch.optim.AdamW] and "Muon" not in out
+        return
+    adamw, muon = optimizers
+    assert type(muon) is torch.optim.Muon and muon.defaults["adjust_lr_fn"] == "match_rms_adamw"
+    assert sorted(names[id(p)] for p in muon.param_groups[0]["params"]) == sorted(
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    # AdamW keeps the embeddings (wpe and wte, tied to lm_head) decayed, biases and LayerNorm gains not
+    assert sorted(names[id(p)] for p in adamw.param_groups[0]["params"]) == ["transformer.wpe.weight",
+                                                                              "transformer.wte.weight"]
+    assert out.splitlines() == [
+        "num Muon parameter tensors: 8, with 393,216 parameters (attn.c_attn, attn.c_proj, mlp.c_fc and mlp.c_proj "
+        "of every block)",
+        "num decayed parameter tensors: 2, with 6,465,664 parameters",
+        "num non-decayed parameter tensors: 18, with 3,584 parameters",
+        "using fused AdamW: True"]
+
+
+def test_float32_newton_schulz_is_torchs_iteration():
+    """The float32 replacement computes what torch's bfloat16 Newton-Schulz does, up to bf16's precision."""
+    assert TORCH_NEWTON_SCHULZ is not newton_schulz_float32  # captured before any Muon replaced it
+    torch.manual_seed(0)
+    for shape in ((32, 96), (96, 32)):  # wide and tall (c_attn's and c_proj's layouts)
+        grad = torch.randn(shape)
+        ours = newton_schulz_float32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        theirs = TORCH_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+        assert ours.dtype == torch.float32 and ours.shape == grad.shape
+        assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+        singular_values = torch.linalg.svdvals(ours)
+        assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # about orthogonal
+
+
 def test_residual_projection_init_is_scaled():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=8, n_head=4, n_embd=256))
@@ -86,7 +128,7 @@ def test_kv_cache_matches_full_forward():
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=64))
-    optimizer = model.configure_optimizers(0.0, 3e-3, "cpu", verbose=False)
+    [optimizer] = model.configure_optimizers(0.0, 3e-3, "cpu", verbose=False)
     x = torch.randint(0, 50257, (4, 33))
     for step in range(200):
         _, loss = model(x[:, :-1], targets=x[:, 1:], return_logits=False)  # the training path
