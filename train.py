@@ -257,13 +257,16 @@ def choose_optimizer(cfg, state, path):
     explicit OPTIMIZER that differs stops. Muon needs whole matrices, so not FSDP's shards."""
     if state is not None:
         trained_with = state["train_config"].get("optimizer", "adamw")
+        if trained_with not in ("adamw", "muon"):
+            raise UserError(f"{path} records an optimizer this train.py does not know: {trained_with!r}")
         if is_set("OPTIMIZER") and cfg.optimizer != trained_with:
             raise UserError(f"OPTIMIZER={cfg.optimizer} disagrees with the checkpoint {path}, trained with "
                             f"{trained_with}: unset OPTIMIZER (a resumed run keeps its optimizer), or start a new run")
         cfg.optimizer = trained_with
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
-        raise UserError("OPTIMIZER=muon runs with PARALLEL=ddp, not fsdp: under FSDP Muon would orthogonalise "
-                        "each rank's shard of a matrix instead of the whole matrix")
+        origin = "" if state is None or is_set("OPTIMIZER") else f" (the optimizer of {path})"
+        raise UserError(f"OPTIMIZER=muon{origin} runs with PARALLEL=ddp, not fsdp: under FSDP Muon would "
+                        "orthogonalise each rank's shard of a matrix instead of the whole matrix")
 
 
 def check_same_start(start_step, runtime):
@@ -437,11 +440,14 @@ def train_step(model, optimizers, scaler, loader, runtime, grad_accum_steps, lr)
     for optimizer in optimizers:
         scaler.unscale_(optimizer)
     norm = clip_gradients(model.parameters(), 1.0)
+    # fp16: an overflow anywhere skips the whole update (each optimizer on its own would skip only its part)
+    overflow = scaler.is_enabled() and not torch.isfinite(norm)
     for optimizer in optimizers:  # one schedule for both: Muon's match_rms_adamw makes MAX_LR mean the same
         for group in optimizer.param_groups:
             group["lr"] = lr
-        scaler.step(optimizer)
-    scaler.update()
+        if not overflow:
+            scaler.step(optimizer)
+    scaler.update()  # after an overflow: a smaller loss scale
     return loss_accum, norm
 
 

@@ -102,6 +102,21 @@ def test_float32_newton_schulz_is_torchs_iteration():
         assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # about orthogonal
 
 
+def test_muon_steps_through_the_float32_iteration_once_it_is_installed(monkeypatch):
+    monkeypatch.setattr(torch.optim._muon, "_zeropower_via_newtonschulz", TORCH_NEWTON_SCHULZ)  # restored after
+    model_module.use_float32_newton_schulz()
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 96))
+    p0 = p.detach().clone()
+    p.grad = torch.randn(32, 96)
+    torch.optim.Muon([p], lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+    # a first step's Nesterov momentum is a multiple of the gradient, which the iteration normalises away;
+    # torch's bfloat16 rounding is ~100x this tolerance
+    orthogonalised = newton_schulz_float32(p.grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+    expected = p0 * (1 - 0.01 * 0.1) - 0.01 * 0.2 * math.sqrt(96) * orthogonalised  # match_rms_adamw's scale
+    torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=0)
+
+
 def test_residual_projection_init_is_scaled():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, vocab_size=1000, n_layer=8, n_head=4, n_embd=256))

@@ -6,6 +6,7 @@ torchrun and SIGKILL tests need real processes.
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -21,12 +22,14 @@ import pytest
 import torch
 
 import checkpoint
+import device
 import metrics
 import plot_metrics
 import shards
 import tokenizer
 import train
-from settings import TrainConfig
+from model import GPT
+from settings import GPTConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -256,14 +259,38 @@ def muon_run(token_dataset, tmp_path_factory):
 
 def test_muon_lowers_the_loss_on_the_demo_corpus(demo_dataset, tmp_path, monkeypatch, capsys):
     run_train(monkeypatch, str(demo_dataset), tmp_path, OPTIMIZER="muon", MAX_STEPS=15, WARMUP_STEPS=2,
-              MAX_LR="1e-2", MIN_LR="1e-3", EVAL_INTERVAL=1000, CHECKPOINT_INTERVAL=1000, TOTAL_BATCH_SIZE=256,
-              BATCH_SIZE=4)
+              MAX_LR="1e-2", MIN_LR="1e-3", EVAL_INTERVAL=1000, CHECKPOINT_INTERVAL=1, KEEP_CHECKPOINTS=2,
+              TOTAL_BATCH_SIZE=256, BATCH_SIZE=4)
     out = capsys.readouterr().out
     assert "  OPTIMIZER: muon\n" in out and "num Muon parameter tensors: 8, with 24,576 parameters" in out
     rows = read_metrics(tmp_path)
     losses = [float(r["loss"]) for r in rows]
     assert sum(losses[-3:]) / 3 < losses[0] - 1.5
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 1.5
+    # Muon made the last update of each block matrix: weight decay, then an about orthogonal step
+    # (singular values ~0.7-1.2) of match_rms_adamw's size; AdamW's spread from ~0.05 to ~5 here
+    before, after = (checkpoint.load(str(tmp_path / f"model_{step:05d}.pt"))["model"] for step in (13, 14))
+    lr = float(rows[14]["lr"])
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"):
+        w0, w1 = before[name], after[name]
+        step = (w0 * (1 - lr * 0.1) - w1) / (lr * 0.2 * math.sqrt(max(w0.shape)))
+        singular_values = torch.linalg.svdvals(step)
+        assert singular_values.max() < 1.5 and singular_values.median() > 0.5, singular_values
+
+
+def test_an_fp16_overflow_in_one_optimizer_skips_the_whole_update(token_dataset):
+    runtime = device.Runtime(device="cpu", dtype=torch.float16)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=32))
+    optimizers = model.configure_optimizers(0.1, 1e-3, "cpu", verbose=False, optimizer="muon")
+    scaler = train.grad_scaler(runtime)
+    scale, before = scaler.get_scale(), {k: v.clone() for k, v in model.state_dict().items()}
+    # only Muon's gradients overflow; AdamW's own are finite and must not be stepped either
+    model.transformer.h[0].mlp.c_fc.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    train.train_step(model, optimizers, scaler, shards.TokenLoader(token_dataset, "train", 2, 32, verbose=False),
+                     runtime, 1, 1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert scaler.get_scale() == scale / 2
 
 
 def test_muon_checkpoints_keep_its_state_beside_adamws(muon_run):
