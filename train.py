@@ -214,6 +214,8 @@ def print_configuration(cfg, model_config, runtime, use_compile, resumed):
     chosen = {"device": runtime.device, "dtype": runtime.dtype_name, "compile": "on" if use_compile else "off"}
     for name, value in asdict(cfg).items():
         shown = f"{value} (using {chosen[name]})" if name in chosen else value
+        if name == "optimizer" and resumed:
+            shown = f"{value} (from checkpoint)"
         print(f"  {name.upper()}: {shown if shown != '' else '(not set)'}")
     print(f"  WORLD_SIZE: {runtime.world_size}")
 
@@ -254,7 +256,8 @@ def load_resume_state(path, env_shape, cfg, master):
 
 def choose_optimizer(cfg, state, path):
     """Resume with the optimizer the checkpoint was trained with (AdamW, where it records none): an
-    explicit OPTIMIZER that differs stops. Muon needs whole matrices, so not FSDP's shards."""
+    explicit OPTIMIZER that differs stops. Muon runs without FSDP, whose sharded checkpoints hold
+    AdamW's state only."""
     if state is not None:
         trained_with = state["train_config"].get("optimizer", "adamw")
         if trained_with not in ("adamw", "muon"):
@@ -265,8 +268,8 @@ def choose_optimizer(cfg, state, path):
         cfg.optimizer = trained_with
     if cfg.optimizer == "muon" and cfg.parallel == "fsdp":
         origin = "" if state is None or is_set("OPTIMIZER") else f" (the optimizer of {path})"
-        raise UserError(f"OPTIMIZER=muon{origin} runs with PARALLEL=ddp, not fsdp: under FSDP Muon would "
-                        "orthogonalise each rank's shard of a matrix instead of the whole matrix")
+        raise UserError(f"OPTIMIZER=muon{origin} runs with PARALLEL=ddp, not fsdp: sharded checkpoints hold "
+                        "AdamW's state only, and Muon on FSDP's sharded matrices is untested")
 
 
 def check_same_start(start_step, runtime):

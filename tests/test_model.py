@@ -97,7 +97,7 @@ def test_float32_newton_schulz_is_torchs_iteration():
         ours = newton_schulz_float32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
         theirs = TORCH_NEWTON_SCHULZ(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
         assert ours.dtype == torch.float32 and ours.shape == grad.shape
-        assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+        assert torch.linalg.norm(ours - theirs) < 0.05 * torch.linalg.norm(theirs)  # bf16's rounding, amplified
         singular_values = torch.linalg.svdvals(ours)
         assert singular_values.min() > 0.5 and singular_values.max() < 1.5  # about orthogonal
 

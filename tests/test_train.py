@@ -243,7 +243,7 @@ def test_a_checkpoint_that_names_no_optimizer_was_trained_with_adamw(reference_r
         run_train(monkeypatch, token_dataset, tmp_path / "muon", RESUME=older, MAX_STEPS=7, OPTIMIZER="muon")
     assert "trained with adamw" in capsys.readouterr().err
     run_train(monkeypatch, token_dataset, tmp_path / "adamw", RESUME=older, MAX_STEPS=7)
-    assert "  OPTIMIZER: adamw\n" in capsys.readouterr().out
+    assert "  OPTIMIZER: adamw (from checkpoint)\n" in capsys.readouterr().out
 
 
 # ---- Muon ---------------------------------------------------------------------------------------
@@ -267,8 +267,8 @@ def test_muon_lowers_the_loss_on_the_demo_corpus(demo_dataset, tmp_path, monkeyp
     losses = [float(r["loss"]) for r in rows]
     assert sum(losses[-3:]) / 3 < losses[0] - 1.5
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 1.5
-    # Muon made the last update of each block matrix: weight decay, then an about orthogonal step
-    # (singular values ~0.7-1.2) of match_rms_adamw's size; AdamW's spread from ~0.05 to ~5 here
+    # Muon made the last update of each block matrix: weight decay, then an about orthogonal step of
+    # match_rms_adamw's size (singular values none above 1.5, the median ~0.85; AdamW's reach ~5-12)
     before, after = (checkpoint.load(str(tmp_path / f"model_{step:05d}.pt"))["model"] for step in (13, 14))
     lr = float(rows[14]["lr"])
     for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight"):
@@ -306,7 +306,7 @@ def test_muon_checkpoints_keep_its_state_beside_adamws(muon_run):
 def test_muon_resume_reproduces_the_uninterrupted_run_bit_for_bit(muon_run, token_dataset, tmp_path, monkeypatch,
                                                                   capsys):
     run_train(monkeypatch, token_dataset, tmp_path, DROPOUT="0.1", RESUME=muon_run / "model_00002.pt")
-    assert "  OPTIMIZER: muon\n" in capsys.readouterr().out  # the checkpoint's, with OPTIMIZER unset
+    assert "  OPTIMIZER: muon (from checkpoint)\n" in capsys.readouterr().out  # with OPTIMIZER unset
     assert deterministic_columns(read_metrics(tmp_path)) == deterministic_columns(read_metrics(muon_run)[3:])
     a = checkpoint.load(str(muon_run / "model_00005.pt"))
     b = checkpoint.load(str(tmp_path / "model_00005.pt"))
@@ -324,6 +324,22 @@ def test_muon_resume_with_an_explicit_other_optimizer_stops(muon_run, token_data
                                 "trained with muon: unset OPTIMIZER (a resumed run keeps its optimizer), "
                                 "or start a new run"]
     assert not tmp_path.joinpath("metrics.csv").exists()
+
+
+@pytest.mark.parametrize("change, overrides, message", [
+    (lambda state: state["train_config"].update(optimizer="sgd"), {}, "records an optimizer this train.py does not know"),
+    (lambda state: state.pop("muon"), {}, "trained with Muon but holds no 'muon' entry"),
+    (lambda state: None, dict(PARALLEL="fsdp"), "OPTIMIZER=muon (the optimizer of"),
+])
+def test_muon_checkpoint_errors(muon_run, token_dataset, tmp_path, monkeypatch, capsys, change, overrides, message):
+    state = checkpoint.load(str(muon_run / "model_00005.pt"))
+    change(state)
+    path = tmp_path / "model_00005.pt"
+    checkpoint.save(state, str(path))
+    with pytest.raises(SystemExit):
+        run_train(monkeypatch, token_dataset, tmp_path / "log", RESUME=path, MAX_STEPS=7, **overrides)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("Error: ") and message in err
 
 
 def test_fresh_run_refuses_a_log_dir_with_checkpoints(reference_run, token_dataset, tmp_path, monkeypatch, capsys):
@@ -393,9 +409,10 @@ def subprocess_env(dataset, log_dir, **overrides):
     return env
 
 
-# Muon's Newton-Schulz (bfloat16 where the hardware has it) amplifies the gradients' reduction-order noise
-@pytest.mark.parametrize("optimizer, tolerance", [("adamw", 1e-4), ("muon", 1e-3)])
-def test_two_process_torchrun_matches_one_process(token_dataset, tmp_path, monkeypatch, optimizer, tolerance):
+# Muon's Newton-Schulz amplifies the gradients' reduction-order noise: in float32 (and with bf16
+# Newton-Schulz) the gap here stays near 1e-5; bf16 autocast on a GPU may reach 1e-3
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_torchrun_matches_one_process(token_dataset, tmp_path, monkeypatch, optimizer):
     settings = dict(MAX_STEPS=5, TOTAL_BATCH_SIZE=256, EVAL_INTERVAL=1000, CHECKPOINT_INTERVAL=1000,
                     OPTIMIZER=optimizer)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
@@ -411,8 +428,8 @@ def test_two_process_torchrun_matches_one_process(token_dataset, tmp_path, monke
     assert len(ddp) == 5
     for a, b in zip(ddp, single):
         for column in ("loss", "norm"):
-            assert float(a[column]) == pytest.approx(float(b[column]), abs=tolerance)
-    assert float(ddp[-1]["val_loss"]) == pytest.approx(float(single[-1]["val_loss"]), abs=tolerance)
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-4)
+    assert float(ddp[-1]["val_loss"]) == pytest.approx(float(single[-1]["val_loss"]), abs=1e-4)
 
 
 def test_sigkill_mid_run_then_resume(token_dataset, tmp_path, monkeypatch, capsys):
