@@ -386,10 +386,10 @@ def use_float32_newton_schulz():
 
     torch.optim.Muon runs its Newton-Schulz iteration in bfloat16, which GPUs and CPUs with AVX-512
     BF16, AMX or Arm BF16 compute natively. Other CPUs emulate it: on a 2-core AVX2 host (an AMD
-    EPYC without AVX-512), a bf16 matmul ran at 2.5 GFLOP/s against float32's 110, and the
-    orthogonalisation in one update of the small model (N_LAYER=6 N_EMBD=384) took 34 s instead of
-    1 s. torch has no setting for the precision, so its function is replaced by the same iteration
-    in float32 (where a later torch renames it, nothing is replaced and Muon runs as torch ships it)."""
+    EPYC without AVX-512) the orthogonalisation in one update of the small model (N_LAYER=6
+    N_EMBD=384) took 33.5 s in bf16 and 0.96 s in float32 (bench/bench_newton_schulz.py). torch has
+    no setting for the precision, so its function is replaced by the same iteration in float32
+    (where a later torch renames it, nothing is replaced and Muon runs as torch ships it)."""
     muon_module = getattr(torch.optim, "_muon", None)
     if hasattr(muon_module, "_zeropower_via_newtonschulz"):
         muon_module._zeropower_via_newtonschulz = newton_schulz_float32

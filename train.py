@@ -41,6 +41,7 @@ from model import GPT, GPT2_VOCAB_SIZE
 from settings import GPTConfig, TrainConfig
 
 PRETRAINED = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+OPTIMIZERS = ("adamw", "muon")
 SAMPLE_PROMPT = "Hello, I'm a language model,"
 
 
@@ -183,7 +184,7 @@ def check_settings(cfg, world_size):
     """Stop on bad combinations that need no files and no model to find."""
     if cfg.parallel not in ("ddp", "fsdp"):
         raise UserError(f"PARALLEL must be ddp or fsdp, got {cfg.parallel!r}")
-    if cfg.optimizer not in ("adamw", "muon"):
+    if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"OPTIMIZER must be adamw or muon, got {cfg.optimizer!r}")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"MIN_LR ({cfg.min_lr}) must not exceed MAX_LR ({cfg.max_lr})")
@@ -260,7 +261,7 @@ def choose_optimizer(cfg, state, path):
     AdamW's state only."""
     if state is not None:
         trained_with = state["train_config"].get("optimizer", "adamw")
-        if trained_with not in ("adamw", "muon"):
+        if trained_with not in OPTIMIZERS:
             raise UserError(f"{path} records an optimizer this train.py does not know: {trained_with!r}")
         if is_set("OPTIMIZER") and cfg.optimizer != trained_with:
             raise UserError(f"OPTIMIZER={cfg.optimizer} disagrees with the checkpoint {path}, trained with "

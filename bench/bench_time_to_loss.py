@@ -82,8 +82,7 @@ def step(run, update, runtime):
 
 
 def evaluate(run, updates_made, val_loader, runtime, batches):
-    with torch.no_grad():
-        run.curve.append((updates_made, train.validation_loss(run.raw, val_loader, runtime, batches)))
+    run.curve.append((updates_made, train.validation_loss(run.raw, val_loader, runtime, batches)))
 
 
 def reached(run, target):
@@ -147,7 +146,8 @@ def print_results(runs, best, figures, updates, runtime, goals):
         ms = [1000 * s for s in run.step_seconds]
         rows.append([run.name + (" *" if swept and run is best[run.optimizer] else ""),
                      *(f"{losses[u]:.3f}" for u in shown),
-                     f"{min(ms):,.0f} / {statistics.median(ms):,.0f} / {max(ms):,.0f}", f"{sum(run.step_seconds):,.1f}"])
+                     f"{min(ms):,.0f} / {statistics.median(ms):,.0f} / {max(ms):,.0f}",
+                     f"{sum(run.step_seconds):,.1f}"])
     report.table(["optimizer MAX_LR", *(f"val @{u}" for u in shown), "step ms min / median / max", "train s"], rows)
     if swept:
         print("* the better learning rate of the two")
