@@ -355,8 +355,23 @@ def cross_entropy_sum(h, weight, targets, chunk_size, gradients):
                 # d(loss sum)/d(logits) = softmax - one_hot
                 grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
                 grad_h[start:start + chunk_size] = grad @ w
-                grad_w += grad.t() @ hc
+                grad_w += float32_product(grad.t(), hc)
     return loss, grad_h, grad_w
+
+
+def float32_product(a, b):
+    """Return a @ b for a chunk's weight gradient, in float32 where a and b are float16.
+
+    That product sums the gradients of up to a chunk's thousands of tokens, at the scale of the
+    loss sum, before any loss scale exists: where many tokens share a target and the hidden states
+    are large it passes float16's largest number (65,504), and the update is lost whatever the
+    scaler does. So it is accumulated and returned in float32: by CUDA's matmul itself, elsewhere
+    by casting first. bfloat16 has float32's range and keeps its fast product."""
+    if a.dtype != torch.float16:
+        return a @ b
+    if a.device.type == "cuda":
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -368,14 +383,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_size):
         loss_sum, grad_h, grad_w = cross_entropy_sum(h, weight, targets, chunk_size, gradients=True)
         ctx.save_for_backward(grad_h, grad_w)
+        ctx.h_dtype = h.dtype
         return loss_sum / h.size(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        # the 1/n of the mean is applied here, together with the incoming gradient
+        # the 1/n of the mean is applied here, together with the incoming gradient, in h's own
+        # precision (float32 under autocast): in float16 a small gradient divided by n would vanish
         scale = grad_loss / grad_h.size(0)
-        return grad_h * scale, grad_w * scale, None, None
+        return grad_h.to(ctx.h_dtype) * scale, grad_w * scale, None, None
 
 
 # ----------------------------------------------------------------------------------------------

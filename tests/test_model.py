@@ -211,6 +211,27 @@ def test_chunked_loss_stays_finite_when_the_target_probability_underflows():
     torch.testing.assert_close(weight.grad, weight_ref.grad)
 
 
+def test_float16_chunked_loss_gradients_equal_float32_cross_entropys():
+    """1,024 tokens of one chunk share a target and their hidden states are near 100: the weight
+    gradient of that target sums to about -100,000, past float16's largest number (65,504). It is
+    accumulated in float32, so the gradients equal F.cross_entropy's in float32 on the same inputs."""
+    torch.manual_seed(0)
+    tokens, width = 1024, 64
+    h = (100 + torch.randn(tokens, width)).half().float().requires_grad_()  # exact in float16
+    weight = (0.002 * torch.randn(50304, width)).half().float().requires_grad_()
+    targets = torch.full((tokens,), 7)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = model_module.chunked_cross_entropy(h, weight, targets)
+    loss.backward()
+    h_ref, weight_ref = h.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference = F.cross_entropy(h_ref @ weight_ref.t(), targets)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-4)
+    for grad, expected in ((h.grad, h_ref.grad), (weight.grad, weight_ref.grad)):
+        assert torch.isfinite(grad).all()
+        assert (grad - expected).norm() / expected.norm() < 1e-3
+
+
 def test_training_and_validation_losses_equal_cross_entropy_on_full_logits(monkeypatch):
     """The chunked loss with gradients (training), without them (validation) and model(x, y) are all
     F.cross_entropy on the full logits; the validation path neither computes gradients nor builds a graph."""
