@@ -332,13 +332,19 @@ def safe_reader(path):
 
 
 def build_model(state, path="checkpoint", dropout=0.0):
-    """Build a GPT with the checkpoint's shape and weights (on the CPU, in float32)."""
+    """Build a GPT with the checkpoint's shape and weights (on the CPU, in float32). Weights with a
+    nan or inf are refused here, naming the first such tensor, rather than sampled or trained from."""
     try:
         config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE}, dropout=dropout)
         model = GPT(config)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} does not hold a GPT model this code can load: {reason(error)}") from None
+    for name, tensor in state["model"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kind = "nan" if tensor.isnan().any() else "inf"
+            raise UserError(f"{path} holds weights that are not finite ({name} has {kind}): it was saved by a "
+                            "run that diverged; use an earlier checkpoint")
     return model
 
 

@@ -1,6 +1,8 @@
 """metrics.csv: one row per update, written by train.py, drawn by plot_metrics.py.
 
-Its columns are COLUMNS; `val_loss` and `hellaswag_acc` are filled where they were measured.
+Its columns are COLUMNS; `val_loss` and `hellaswag_acc` are filled where they were measured,
+`peak_mem_mib` (the update's peak memory) where it is known. Columns are only ever added at the
+end, so a file from an older version still reads, and a resumed run carries its rows over.
 """
 
 import csv
@@ -10,11 +12,19 @@ import os
 from atomic import atomic_write
 from env import UserError, reason
 
-COLUMNS = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu"]
+COLUMNS = ["step", "loss", "val_loss", "hellaswag_acc", "lr", "norm", "dt_ms", "tok_per_sec", "mfu",
+           "peak_mem_mib"]
+FIRST = COLUMNS[:9]  # the columns of the first metrics.csv: every file train.py wrote has them
+
+
+def is_ours(header):
+    """Return True for a header train.py wrote: COLUMNS, or an older version's, which COLUMNS extends."""
+    return len(FIRST) <= len(header) <= len(COLUMNS) and header == COLUMNS[:len(header)]
 
 
 def open_for_run(path, keep_through=None):
-    """Open metrics.csv for appending: a new file, or (on resume) the rows up to `keep_through`.
+    """Open metrics.csv for appending: a new file, or (on resume) the rows up to `keep_through`,
+    those of an older header given blank cells in the columns added since.
 
     The kept rows are written through a temporary file that replaces the old one, so a crash here
     never leaves a half-written metrics.csv.
@@ -23,8 +33,10 @@ def open_for_run(path, keep_through=None):
     if keep_through is not None and os.path.isfile(path):
         with open(path, newline="") as f:
             reader = csv.reader(f)
-            if next(reader, None) == COLUMNS:
-                rows = [row for row in reader if len(row) == len(COLUMNS) and row[0].isdigit()
+            header = next(reader, [])
+            if is_ours(header):
+                blanks = [""] * (len(COLUMNS) - len(header))
+                rows = [row + blanks for row in reader if len(row) == len(header) and row[0].isdigit()
                         and int(row[0]) <= keep_through]
     try:
         with atomic_write(path, "w", newline="") as f:
@@ -53,7 +65,8 @@ def append(f, row):
 
 
 def read(path):
-    """Return metrics.csv as a DataFrame; raise a UserError when it is missing, empty or not train.py's."""
+    """Return metrics.csv as a DataFrame with every column of COLUMNS (NaN where an older file lacks
+    one); raise a UserError when it is missing, empty or not train.py's."""
     import pandas  # only plot_metrics.py reads it back: train.py starts without pandas
 
     if not os.path.isfile(path):
@@ -66,7 +79,10 @@ def read(path):
         raise UserError(f"{path} is not a metrics.csv written by train.py: {reason(error)}") from None
     if frame.empty:
         raise UserError(f"{path} holds no rows yet: let train.py finish at least one step")
-    missing = [name for name in COLUMNS if name not in frame.columns]
+    missing = [name for name in FIRST if name not in frame.columns]
     if missing:
         raise UserError(f"{path} is not a metrics.csv written by train.py (no column {missing[0]})")
+    for name in COLUMNS[len(FIRST):]:
+        if name not in frame.columns:
+            frame[name] = float("nan")
     return frame

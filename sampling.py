@@ -9,14 +9,21 @@ settings generate.py and prompt.py sample with are `settings.SamplingConfig`.
 import torch
 from torch.nn import functional as F
 
+from env import UserError
 from model import GPT2_VOCAB_SIZE, KVCache
 from tokenizer import EOT
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token id per row of (B, vocab_size) logits. Ids from 50257 up, the padding rows of a
-    50304-wide vocabulary, are never picked."""
+    50304-wide vocabulary, are never picked. A row with a nan or +inf (or only -inf) stops with a
+    UserError instead of becoming tokens (argmax) or a traceback (multinomial); a -inf alone only
+    rules its token out. The check syncs once per step, as multinomial and stream's end-of-text
+    check do anyway."""
     logits = logits[:, :GPT2_VOCAB_SIZE].float()
+    if not torch.isfinite(logits.amax(-1)).all():  # the max is nan where any logit is
+        raise UserError("the model's logits are not finite (nan or inf): its weights have diverged "
+                        "(use an earlier checkpoint), or float16 overflowed (try DTYPE=float32)")
     if temperature == 0:
         return logits.argmax(-1)
     # the candidates, likeliest first: the top k, or every token when only top_p filters

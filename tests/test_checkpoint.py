@@ -114,6 +114,24 @@ def test_a_pickle_that_would_run_code_is_refused_unrun(tmp_path, how, message):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("name, value", [("transformer.h.0.attn.c_attn.weight", "nan"),
+                                         ("transformer.h.0.mlp.c_proj.bias", "inf"),
+                                         ("transformer.ln_f.weight", "-inf")])
+def test_weights_that_are_not_finite_are_refused_by_name(good, tmp_path, name, value):
+    path, state = good
+    weights = {key: tensor.clone() for key, tensor in state["model"].items()}
+    weights[name].view(-1)[3] = float(value)  # one element is enough
+    diverged = tmp_path / "model_00029.pt"
+    checkpoint.save({**state, "model": weights}, str(diverged))
+    with pytest.raises(UserError) as error:
+        checkpoint.load_model(str(diverged))
+    assert str(error.value) == (f"{diverged} holds weights that are not finite ({name} has {value.lstrip('-')}): "
+                                "it was saved by a run that diverged; use an earlier checkpoint")
+    with pytest.raises(UserError, match=f"not finite \\({name} has"):  # train.py's resume builds its model here
+        checkpoint.build_model(checkpoint.load(str(diverged)), str(diverged))
+    checkpoint.load_model(str(path))  # the healthy one still loads
+
+
 def test_weights_only_file_cannot_resume(good, tmp_path):
     path, state = good
     slim = tmp_path / "weights.pt"

@@ -1,11 +1,12 @@
 """The sampler: the key/value cache against full recomputation, the sliding window, the padding ids,
-<|endoftext|>, top-k / top-p and seeds."""
+<|endoftext|>, top-k / top-p, seeds and logits that are not finite."""
 
 import contextlib
 
 import pytest
 import torch
 
+from env import UserError
 from model import GPT, GPTConfig
 from sampling import generate, make_generator, sample_next, stream
 from tokenizer import EOT
@@ -182,3 +183,53 @@ def test_training_mode_is_restored(varied):
     generate(varied, [1, 2], 3)
     assert varied.training
     varied.eval()
+
+
+@pytest.fixture(scope="module")
+def diverged():
+    """A tiny model with one weight all nan, as a run that diverged leaves it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=1, n_embd=16)).eval()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.fill_(float("nan"))
+    return model
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0), dict(temperature=0, use_cache=False),
+                                     dict(temperature=0.8, top_k=50), dict(temperature=0.8, top_k=50, top_p=0.95),
+                                     dict(temperature=1.0, top_p=0.9), dict(temperature=1.0)])
+def test_a_diverged_model_stops_with_one_line(diverged, options):
+    with pytest.raises(UserError) as error:
+        generate(diverged, [1, 2, 3], 5, num_samples=2, generator=make_generator("cpu", 0), **options)
+    message = str(error.value)
+    assert message.startswith("the model's logits are not finite (nan or inf)") and "earlier checkpoint" in message
+    assert len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "all -inf"])
+def test_sample_next_refuses_nan_and_inf_but_not_a_ruled_out_token(bad):
+    logits = torch.zeros(2, 5)
+    logits[0, 2] = -float("inf")  # a token ruled out: fine
+    assert sample_next(logits, temperature=0).tolist() == [0, 0]
+    if bad == "all -inf":
+        logits[1] = -float("inf")
+    else:
+        logits[1, 3] = float(bad)
+    for options in (dict(temperature=0), dict(temperature=0.8, top_k=3), dict(temperature=0.8, top_p=0.9)):
+        with pytest.raises(UserError, match="logits are not finite"):
+            sample_next(logits, **options)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_logits_that_turn_infinite_mid_stream_stop_it(padded, temperature):
+    def inf_in_row1_at_step2(step, logits):
+        if step == 2:
+            logits[1, 7] = float("inf")
+
+    steps = []
+    tokens = stream(padded, [1, 2, 3], 6, temperature=temperature, top_k=50, num_samples=2, stop_at_eot=False)
+    with force_logits(padded, inf_in_row1_at_step2), pytest.raises(UserError, match="logits are not finite"):
+        for ids in tokens:
+            steps.append(ids)
+    assert len(steps) == 2  # the two healthy steps, and no token from the third
+    assert not padded.training
