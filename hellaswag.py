@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import atomic
 import hub
+from device import to_device
 from env import UserError, reason
 from model import GPT2_VOCAB_SIZE
 from settings import HellaSwagFiles
@@ -285,8 +286,8 @@ def _pack(rows, device):
     same_example = example[:, None, :] == example[:, :, None]  # (rows, width, width)
     visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (rows, width, width)
     mask = (earlier & same_example & visible)[:, None]  # (rows, 1, width, width): the same for every head
-    to = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-    return to(ids), to(pos), to(mask), torch.tensor(where), to(torch.tensor(target)), torch.tensor(owner), number
+    ids, pos, mask, target = to_device([ids, pos, mask, torch.tensor(target)], device)
+    return ids, pos, mask, torch.tensor(where), target, torch.tensor(owner), number
 
 
 def _score_rows(model, rows, head, chunk):

@@ -50,9 +50,9 @@ def main():
     # the settings: everything that can be wrong with them is found before any work starts
     cfg = TrainConfig.from_env()
     env_shape = GPTConfig.from_env()
-    rank, _, world_size = device.launched()
-    check_settings(cfg, world_size)
-    master = rank == 0
+    launch = device.launched()
+    check_settings(cfg, launch)
+    master = launch.rank == 0
     resume_from = resume_path(cfg, master)
     state = load_resume_state(resume_from, env_shape, cfg, master) if resume_from else None
     choose_optimizer(cfg, state, resume_from)
@@ -61,7 +61,8 @@ def main():
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = model_to_train(cfg, env_shape, state, resume_from)
     check_model_fits(raw_model.config, cfg)
-    runtime = device.setup(cfg.device, cfg.dtype, group_of_one=cfg.parallel == "fsdp")
+    runtime = device.setup(cfg.device, cfg.dtype, group_of_one=cfg.parallel == "fsdp",
+                           float16=cfg.parallel != "fsdp")
     try:
         with StopSignals(runtime) as stop:
             run = set_up(cfg, runtime, raw_model, state, resume_from)
@@ -89,6 +90,7 @@ class Run:
     start_step: int
     val_loss: float | None  # the last one measured, saved in checkpoints
     peak_flops: float | None  # of one device, for MFU; None: unknown
+    finite_checkpoint: str | None  # the newest checkpoint with finite weights, where a diverged run continues
     gathered: GPT | None = None  # under FSDP, the whole copy of the current weights (whole_model)
 
 
@@ -96,7 +98,7 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
     """Put the model, optimizer and data on the device, continuing `state` when resuming."""
     master = runtime.master
     resuming_in_place = claim_log_dir(cfg, state, resume_from, master)
-    use_compile = runtime.device_type == "cuda" if cfg.compile == "auto" else cfg.compile == "1"
+    use_compile = runtime.compiles if cfg.compile == "auto" else cfg.compile == "1"
     grad_accum_steps = cfg.total_batch_size // (cfg.batch_size * cfg.seq_length * runtime.world_size)
     if master:
         print_configuration(cfg, raw_model.config, runtime, use_compile, resumed=state is not None)
@@ -105,6 +107,9 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
                   "the whole run is warm-up, the learning rate never decays", file=sys.stderr, flush=True)
         print(f"total desired batch size: {cfg.total_batch_size}")
         print(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
+        if use_compile and runtime.device_type == "cuda" and not runtime.compiles:
+            print("Warning: COMPILE=1 on a GPU older than compute capability 8.0, which Triton (torch.compile's "
+                  "GPU compiler) no longer supports: set COMPILE=0 if compiling fails", file=sys.stderr, flush=True)
 
     train_loader, val_loader = (shards.TokenLoader(cfg.dataset_path, split, cfg.batch_size, cfg.seq_length,
                                                    runtime.rank, runtime.world_size, verbose=master)
@@ -130,7 +135,7 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
         metrics_file = metrics.open_for_run(os.path.join(cfg.log_dir, "metrics.csv"),
                                             keep_through=state["step"] if resuming_in_place else None)
     return Run(cfg, runtime, raw_model, model, optimizers, scaler, train_loader, val_loader, hellaswag_rows, metrics_file,
-               grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops))
+               grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops), resume_from)
 
 
 def train(run, stop):
@@ -138,36 +143,42 @@ def train(run, stop):
     stop early, saved, when `stop` says a signal came."""
     cfg, runtime, master = run.cfg, run.runtime, run.runtime.master
     flops_per_token = run.raw_model.flops_per_token(cfg.seq_length)
+    skipped = 0  # float16: updates in a row that the loss scaler skipped
     for step in range(run.start_step, cfg.max_steps):
         last_step = step == cfg.max_steps - 1
         measured = (None, None)  # (validation loss, HellaSwag accuracy), where measured
         # an evaluation at step N sees the weights before update N: step 0 shows the untrained model
         if step % cfg.eval_interval == 0:
-            measured = evaluate(run)
+            measured = evaluate(run, f"before update {step}")
         if step > 0 and step % cfg.sample_interval == 0:
-            print_samples(run)
+            print_samples(run, f"before update {step}")
 
         run.gathered = None  # the update changes the weights: a copy whole_model gathered goes first
+        measuring = device.reset_peak_memory(runtime)
         t0 = time.perf_counter()
         lr = get_lr(step, cfg)
         loss, norm = train_step(run.model, run.optimizers, run.scaler, run.train_loader, runtime,
                                 run.grad_accum_steps, lr)
         loss, norm = loss.item(), norm.item()  # waits for the device
         dt = time.perf_counter() - t0
+        peak_mib = device.peak_memory(runtime) / 2**20 if measuring else None
         tokens_per_sec = cfg.total_batch_size / dt
         mfu = flops_per_token * tokens_per_sec / (run.peak_flops * runtime.world_size) if run.peak_flops else None
         if master:
             print(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
-                  f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else ""), flush=True)
+                  f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else "")
+                  + (f" | peak mem: {peak_mib:.0f}MiB" if peak_mib else ""), flush=True)
+        skipped = count_skipped(run, step, loss, norm, skipped)
 
         if last_step:  # the final weights, after the last update
-            measured = evaluate(run)
-            print_samples(run)
+            measured = evaluate(run, f"after update {step}")
+            print_samples(run, f"after update {step}")
         if measured[0] is not None:
             run.val_loss = measured[0]
         if master:
             metrics.append(run.metrics, [step, loss, *measured, lr, norm, round(dt * 1000, 2),
-                                         round(tokens_per_sec, 1), round(mfu, 5) if mfu else None])
+                                         round(tokens_per_sec, 1), round(mfu, 5) if mfu else None,
+                                         round(peak_mib) if peak_mib else None])
         stopping = stop.agreed()  # SIGTERM or Ctrl-C on any rank: every rank stops after this update
         if (step + 1) % cfg.checkpoint_interval == 0 or last_step or stopping:
             saved = save_checkpoint(run, step)
@@ -180,26 +191,31 @@ def train(run, stop):
 # ----------------------------------------------------------------------------------------------
 # the settings
 
-def check_settings(cfg, world_size):
-    """Stop on bad combinations that need no files and no model to find."""
+def check_settings(cfg, launch):
+    """Stop on bad combinations that need no files and no model to find (and no GPU's attention:
+    its precision is chosen once it is this rank's current device, in device.setup)."""
     if cfg.parallel not in ("ddp", "fsdp"):
         raise UserError(f"PARALLEL must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"OPTIMIZER must be adamw or muon, got {cfg.optimizer!r}")
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"MIN_LR ({cfg.min_lr}) must not exceed MAX_LR ({cfg.max_lr})")
-    micro_tokens = cfg.batch_size * cfg.seq_length * world_size
+    micro_tokens = cfg.batch_size * cfg.seq_length * launch.world_size
     if cfg.total_batch_size % micro_tokens:
         raise UserError(f"TOTAL_BATCH_SIZE ({cfg.total_batch_size}) must be divisible by BATCH_SIZE * SEQ_LENGTH "
-                        f"* world size ({cfg.batch_size} * {cfg.seq_length} * {world_size} = {micro_tokens})")
-    chosen = device.pick_device(cfg.device)
-    dtype = device.pick_dtype(chosen, cfg.dtype)  # DEVICE and DTYPE: known values?
+                        f"* world size ({cfg.batch_size} * {cfg.seq_length} * {launch.world_size} = {micro_tokens})")
+    chosen = device.pick_device(cfg.device, launch.local_rank, launch.local_world_size)
+    device.check_dtype(cfg.dtype)
+    if chosen == "mps" and launch.world_size > 1:  # gloo, the only backend torchrun has there, takes no MPS tensors
+        raise UserError(f"torchrun runs {launch.world_size} processes, but they cannot share work on Apple silicon "
+                        "(MPS): train in one process (uv run train.py), or on CPU ranks with DEVICE=cpu")
     if cfg.parallel == "fsdp" and chosen == "mps":
         raise UserError("PARALLEL=fsdp runs on CUDA (NCCL) or the CPU (gloo), not on MPS: set DEVICE=cpu, "
                         "or PARALLEL=ddp")
-    if cfg.parallel == "fsdp" and dtype == torch.float16:  # its loss scaler would need FSDP's own, untested here
-        raise UserError("PARALLEL=fsdp trains in bfloat16 or float32, not float16: set DTYPE=bfloat16 "
-                        "(or DTYPE=float32 on GPUs without bfloat16)")
+    if cfg.parallel == "fsdp" and cfg.dtype == "float16":  # its loss scaler would need FSDP's own, untested here
+        raise UserError("PARALLEL=fsdp trains in bfloat16 or float32, not float16: on GPUs without bfloat16 "
+                        "(T4, V100) set DTYPE=float32 (or leave DTYPE unset: it picks float32 there), "
+                        "elsewhere DTYPE=bfloat16")
     if cfg.resume in ("", "auto") and cfg.init_from not in ("scratch", *PRETRAINED) and not os.path.isdir(cfg.init_from):
         raise UserError(f"INIT_FROM must be scratch, {', '.join(PRETRAINED)} or a directory holding a "
                         f"GPT2LMHeadModel, got {cfg.init_from!r} (no such directory)")
@@ -428,7 +444,7 @@ def train_step(model, optimizers, scaler, loader, runtime, grad_accum_steps, lr)
         optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=runtime.device)
     for micro_step in range(grad_accum_steps):
-        x, y = to_device(loader.next_batch(), runtime)
+        x, y = device.to_device(loader.next_batch(), runtime.device)
         # DDP and FSDP reduce gradients across the ranks in backward(): needed once, after the last micro-step
         last = micro_step == grad_accum_steps - 1
         if isinstance(model, FSDPModule):
@@ -465,12 +481,6 @@ def clip_gradients(parameters, max_norm):
     return norm
 
 
-def to_device(batch, runtime):
-    if runtime.device_type == "cuda":  # pinned memory lets the copy overlap with compute
-        return [t.pin_memory().to(runtime.device, non_blocking=True) for t in batch]
-    return [t.to(runtime.device) for t in batch]
-
-
 def all_ranks_mean(value, runtime):
     """Average a tensor over the ranks, in place (a no-op in a single process)."""
     if runtime.distributed:
@@ -482,12 +492,15 @@ def all_ranks_mean(value, runtime):
 # ----------------------------------------------------------------------------------------------
 # evaluation and samples, between updates
 
-def evaluate(run):
-    """Measure the current weights: return (validation loss, HellaSwag acc_norm or None)."""
+def evaluate(run, when):
+    """Measure the current weights (`when`: "before update N", ...): return (validation loss,
+    HellaSwag acc_norm or None). A validation loss that is not finite stops the run."""
     model = whole_model(run)
     val_loss = validation_loss(model, run.val_loader, run.runtime, run.cfg.val_steps)
     if run.runtime.master:
         print(f"validation loss: {val_loss:.4f}")
+    if not math.isfinite(val_loss):  # the same on every rank: it was averaged over them
+        stop_diverged(run, f"{when}: the validation loss is {val_loss}")
     accuracy = None
     if run.hellaswag_rows:
         import hellaswag
@@ -507,7 +520,7 @@ def validation_loss(model, loader, runtime, steps):
     loader.position = 0
     total = torch.zeros((), device=runtime.device)
     for _ in range(steps):
-        x, y = to_device(loader.next_batch(), runtime)
+        x, y = device.to_device(loader.next_batch(), runtime.device)
         with runtime.autocast():
             _, loss = model(x, y, return_logits=False)
         total += loss.detach()
@@ -534,9 +547,12 @@ def load_hellaswag(limit, runtime):
     return rows
 
 
-def print_samples(run, num_samples=4, max_new_tokens=32):
-    """Rank 0 prints samples of the current weights (every rank calls this: under FSDP they gather them)."""
+def print_samples(run, when, num_samples=4, max_new_tokens=32):
+    """Rank 0 prints samples of the current weights (every rank calls this: under FSDP they gather
+    them, and all agree that the weights are finite first)."""
     model, runtime = whole_model(run), run.runtime
+    if not weights_finite(run):
+        stop_diverged(run, f"{when}: the weights are not finite")
     if not runtime.master:
         return
     prompt = tokenizer.encode(SAMPLE_PROMPT)
@@ -596,7 +612,11 @@ class StopSignals:
 
 def save_checkpoint(run, step):
     """Save the state after update `step`, then prune the oldest: $LOG_DIR/model_{step:05d}.pt from
-    rank 0, or under FSDP $LOG_DIR/model_{step:05d}.dcp/ from every rank, each its own shards."""
+    rank 0, or under FSDP $LOG_DIR/model_{step:05d}.dcp/ from every rank, each its own shards.
+    Weights that are not finite are never saved: the run stops instead, keeping the checkpoints
+    it could continue from."""
+    if not weights_finite(run):
+        stop_diverged(run, f"after update {step}: the weights are not finite")
     sharded = run.cfg.parallel == "fsdp"
     target = checkpoint.checkpoint_path(run.cfg.log_dir, step, sharded)
     if sharded or run.runtime.master:
@@ -606,7 +626,56 @@ def save_checkpoint(run, step):
     if run.runtime.master:
         checkpoint.prune(run.cfg.log_dir, run.cfg.keep_checkpoints)
         print(f"saved checkpoint {target}")
+    run.finite_checkpoint = target
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# a run that diverges
+
+MAX_SKIPPED = 50  # float16 updates in a row the loss scaler may skip before the run counts as collapsed
+
+
+def count_skipped(run, step, loss, norm, skipped):
+    """Return how many updates in a row the float16 loss scaler has now skipped, and stop the run
+    where update `step` diverged. A loss or gradient norm that is not finite is divergence, except
+    under float16, whose scaler skips such an update and halves its scale: a few skips are normal,
+    a long run of them is a collapse. Every rank sees the same loss (averaged over the ranks) and
+    norm (of the reduced gradients), so all stop at the same update."""
+    if math.isfinite(loss) and math.isfinite(norm):
+        return 0
+    if not run.scaler.is_enabled():
+        stop_diverged(run, f"at update {step} (loss {loss:.4g}, gradient norm {norm:.4g})")
+    if skipped + 1 > MAX_SKIPPED:
+        stop_diverged(run, f"at update {step}: the float16 loss scaler has skipped {skipped + 1} updates in a row "
+                           "(their losses or gradients were not finite)")
+    return skipped + 1
+
+
+def weights_finite(run):
+    """Return whether every weight is finite, the same answer on every rank: under FSDP each rank
+    holds a shard, so they agree over one small all-reduce."""
+    parameters = [p.to_local() if isinstance(p, DTensor) else p for p in run.raw_model.parameters()]
+    finite = torch.stack([torch.isfinite(p).all() for p in parameters]).all().int()
+    if run.runtime.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def stop_diverged(run, what):
+    """Stop every rank (each found the same): rank 0 says what diverged and where to continue from,
+    in one line; every rank exits 1."""
+    if not run.runtime.master:
+        raise SystemExit(1)
+    path, cfg = run.finite_checkpoint, run.cfg
+    if path is None:
+        advice = f"No checkpoint with finite weights was saved: start again with a lower MAX_LR than {cfg.max_lr:g}"
+    else:
+        newest = checkpoint.latest_checkpoint(cfg.log_dir)
+        same = newest is not None and os.path.abspath(os.path.normpath(newest)) == os.path.abspath(os.path.normpath(path))
+        advice = (f"The newest checkpoint with finite weights is {path}: continue from it with "
+                  f"{'RESUME=1' if same else f'RESUME={path}'} and a lower MAX_LR than {cfg.max_lr:g}")
+    raise UserError(f"training diverged {what}. {advice}")
 
 
 if __name__ == "__main__":

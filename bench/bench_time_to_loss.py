@@ -186,7 +186,7 @@ def main():
     sweep = [(name, 2 * lr) for name, lr in BASE_LR.items()] if args.quick else \
         [(name, factor * lr) for factor in (1, 2) for name, lr in BASE_LR.items()]
     runtime = device.setup(args.device, args.dtype)
-    use_compile = runtime.device_type == "cuda"  # as train.py's COMPILE=auto
+    use_compile = runtime.compiles  # as train.py's COMPILE=auto
     with tempfile.TemporaryDirectory() as dataset_path:
         dataset.build(args.text, dataset_path, 10**8)  # tokenized as train.py's data is
         val_loader = shards.TokenLoader(dataset_path, "val", BATCH_SIZE, SEQ_LENGTH, verbose=False)

@@ -136,7 +136,7 @@ def timed_tokens_per_s(setup, steps, runtime):
 
 
 def speed(args, runtime):
-    use_compile = runtime.device_type == "cuda" if args.compile == "auto" else args.compile == "1"
+    use_compile = runtime.compiles if args.compile == "auto" else args.compile == "1"
     sides = {"ours": Setup} | ({"baseline": BuildNanogptStep} if args.baseline else {})
     with tempfile.TemporaryDirectory() as dataset_path:
         random_token_dataset(dataset_path)

@@ -98,7 +98,7 @@ def test_loss_goes_down_with_the_original_log_lines(demo_dataset, tmp_path, monk
     assert "Warning: WARMUP_STEPS (15) >= MAX_STEPS (15)" in err  # a warning, not an error
     assert out.index("validation loss") < out.index("step     0 |")  # step 0 evaluates the untrained model
     assert out.count("rank 0 sample 0:") == 2  # at step 10 and after the last step, never at step 0
-    assert "| mfu: " in out
+    assert "| mfu: " in out and re.search(r"\| peak mem: \d+MiB\n", out)  # the process's peak RSS on a CPU
 
     rows = read_metrics(tmp_path)
     assert list(rows[0]) == metrics.COLUMNS
@@ -110,6 +110,7 @@ def test_loss_goes_down_with_the_original_log_lines(demo_dataset, tmp_path, monk
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"]) - 1.5
     assert all(r["hellaswag_acc"] == "" for r in rows)
     assert all(0 < float(r["mfu"]) for r in rows)  # PEAK_TFLOPS makes MFU known even on the CPU
+    assert all(100 < int(r["peak_mem_mib"]) < 10_000 for r in rows)
     assert [name for _, name in checkpoint.list_checkpoints(str(tmp_path))] == [str(tmp_path / "model_00014.pt")]
 
 
