@@ -467,11 +467,11 @@ def restore_training_state(state, path, optimizers, scaler, loader, device, weig
 def shard_like_parameters(optimizer_state, optimizer):
     """The optimizer state with each whole per-parameter tensor (exp_avg, ...) cut into the shards
     of its parameter, where FSDP has sharded the parameters (a DTensor); unchanged otherwise."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(hasattr(p, "device_mesh") for p in parameters):  # no DTensor (whose modules take 2 s to import)
+        return optimizer_state
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if not any(isinstance(p, DTensor) for p in parameters):
-        return optimizer_state
     sharded = {}
     for index, per_parameter in optimizer_state["state"].items():
         p = parameters[index]

@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
@@ -447,7 +445,7 @@ def train_step(model, optimizers, scaler, loader, runtime, grad_accum_steps, lr)
         x, y = device.to_device(loader.next_batch(), runtime.device)
         # DDP and FSDP reduce gradients across the ranks in backward(): needed once, after the last micro-step
         last = micro_step == grad_accum_steps - 1
-        if isinstance(model, FSDPModule):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's (duck-typed: its modules take 2 s to import)
             model.set_requires_gradient_sync(last)
         with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
             with runtime.autocast():
@@ -475,7 +473,7 @@ def clip_gradients(parameters, max_norm):
     """Scale the gradients down to a total norm of at most max_norm; return the norm before."""
     parameters = [p for p in parameters if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-    if isinstance(norm, DTensor):  # FSDP: the norm of sharded gradients, reduced over the ranks
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the norm of sharded gradients, reduced over the ranks
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm
@@ -655,7 +653,7 @@ def count_skipped(run, step, loss, norm, skipped):
 def weights_finite(run):
     """Return whether every weight is finite, the same answer on every rank: under FSDP each rank
     holds a shard, so they agree over one small all-reduce."""
-    parameters = [p.to_local() if isinstance(p, DTensor) else p for p in run.raw_model.parameters()]
+    parameters = [p.to_local() if hasattr(p, "to_local") else p for p in run.raw_model.parameters()]  # FSDP's shards
     finite = torch.stack([torch.isfinite(p).all() for p in parameters]).all().int()
     if run.runtime.distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
