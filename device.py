@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,9 @@ class Runtime:
 
     @property
     def compiles(self):
-        """Whether COMPILE=auto turns torch.compile on: on GPUs whose kernels Triton generates, which
-        are NVIDIA's from compute capability 8.0 (Ampere) on, and AMD's; Triton has dropped older
-        cards such as the T4, which then run eagerly."""
+        """Whether COMPILE=auto turns torch.compile on: on the GPUs that Triton, which generates its
+        kernels, supports: NVIDIA's from compute capability 8.0 (Ampere) on, and AMD's. Older cards
+        such as the T4 may work but are not supported: they run eagerly unless COMPILE=1."""
         return self.device_type == "cuda" and (torch.version.hip is not None or self.capability >= (8, 0))
 
     def autocast(self):
@@ -142,22 +143,22 @@ def pick_device(requested="auto", local_rank=0, local_ranks=1):
 
 def cuda_device(index, local_rank, local_ranks):
     """Return this rank's GPU: cuda:`index` when DEVICE names one, else cuda:LOCAL_RANK, or cuda:0
-    for a single process. Ranks of one machine that would share a GPU are refused (NCCL would fail
-    deep inside), except where each sees one GPU of its own, as SLURM arranges with
-    CUDA_VISIBLE_DEVICES per rank."""
+    where only one GPU is visible. Ranks of one machine that would share a GPU are refused (NCCL
+    would fail deep inside): torchrun's ranks all see the same GPUs, while a scheduler such as SLURM
+    can show each rank one GPU of its own as cuda:0 (CUDA_VISIBLE_DEVICES per rank)."""
     count = torch.cuda.device_count()
     if index and int(index) >= count:
         raise UserError(f"DEVICE=cuda:{index} but only {count} CUDA device(s) exist")
-    sharing = local_ranks > 1 and not (count == 1 and "CUDA_VISIBLE_DEVICES" in os.environ)
-    if not sharing:
-        return f"cuda:{index or 0}"
-    if index:
+    shared = local_ranks > 1 and (count > 1 or "TORCHELASTIC_RUN_ID" in os.environ)
+    if index and shared:
         raise UserError(f"DEVICE=cuda:{index} would put all {local_ranks} ranks of this machine on one GPU: "
                         "set DEVICE=cuda (or auto), and each rank takes its own (cuda:LOCAL_RANK)")
-    if local_ranks > count:
-        raise UserError(f"torchrun starts {local_ranks} ranks on this machine, which has {count} GPU(s): "
-                        f"at most one rank per GPU (--nproc_per_node={count})")
-    return f"cuda:{local_rank}"
+    if index:
+        return f"cuda:{index}"
+    if (shared and local_ranks > count) or local_rank >= count > 1:
+        raise UserError(f"torchrun starts {max(local_ranks, local_rank + 1)} ranks on this machine, which has "
+                        f"{count} GPU(s): at most one rank per GPU (--nproc_per_node={count})")
+    return f"cuda:{local_rank if count > 1 else 0}"
 
 
 def check_dtype(requested):
@@ -166,14 +167,14 @@ def check_dtype(requested):
         raise UserError(f"DTYPE must be auto, float32, bfloat16 or float16, got {requested!r}")
 
 
-def pick_dtype(device, requested="auto", float16=True):
+def pick_dtype(device, requested="auto", allow_float16=True):
     """Return the training precision: DTYPE, or for auto bf16 on GPUs with bf16 tensor cores and on
-    CPUs with bf16 hardware, fp16 on older GPUs (`float16=False`, as under FSDP: float32 there), and
-    float32 elsewhere. On CUDA call it once `device` is the current GPU (setup() does)."""
+    CPUs with bf16 hardware, fp16 on older GPUs (float32 there without `allow_float16`, as under
+    FSDP), and float32 elsewhere. On CUDA call it once `device` is the current GPU (setup() does)."""
     check_dtype(requested)
     kind = device.split(":")[0]
     if kind == "cuda":
-        return cuda_dtype(device, requested, float16)
+        return cuda_dtype(device, requested, allow_float16)
     if requested != "auto":
         return DTYPES[requested]
     if kind == "cpu" and cpu_has_native_bf16():
@@ -181,7 +182,7 @@ def pick_dtype(device, requested="auto", float16=True):
     return torch.float32
 
 
-def cuda_dtype(device, requested, float16=True):
+def cuda_dtype(device, requested, allow_float16=True):
     """Choose by the GPU's compute capability: bf16 from 8.0 (Ampere) on, fp16 with a loss scaler
     below (a T4 is 7.5); on ROCm as torch says. torch.cuda.is_bf16_supported() would say yes to any
     NVIDIA GPU, counting bf16 it emulates without tensor cores."""
@@ -192,14 +193,14 @@ def cuda_dtype(device, requested, float16=True):
         require_kernels_for(name, capability)
         native_bf16 = capability >= (8, 0)
     if requested == "bfloat16" and not native_bf16:
+        instead = "DTYPE=float16, trained with a loss scaler" if allow_float16 else "DTYPE=float32"
         raise UserError(f"DTYPE=bfloat16 but {name} (compute capability {capability[0]}.{capability[1]}) has no "
-                        "bfloat16 tensor cores (Ampere, 8.0, and newer have): set DTYPE=float16, trained with a loss "
-                        "scaler, or leave DTYPE unset")
+                        f"bfloat16 tensor cores (Ampere, 8.0, and newer have): set {instead}, or leave DTYPE unset")
     if requested != "auto":
         return DTYPES[requested]
     if native_bf16:
         return torch.bfloat16
-    return torch.float16 if float16 else torch.float32
+    return torch.float16 if allow_float16 else torch.float32
 
 
 def require_kernels_for(name, capability):
@@ -219,11 +220,11 @@ def require_kernels_for(name, capability):
         return card // 10 == code // 10 and card >= code
 
     if archs and not any(runs(arch) for arch in archs):
-        oldest = min(int(re.sub(r"\D", "", arch.partition("_")[2])) for arch in archs)
+        codes = [int(re.sub(r"\D", "", arch.partition("_")[2])) for arch in archs]
         raise UserError(f"{name} has compute capability {capability[0]}.{capability[1]}, but this torch "
-                        f"({torch.__version__}) has GPU kernels for {oldest // 10}.{oldest % 10} and newer only "
-                        f"({' '.join(archs)}): install a torch build that supports it (pytorch.org lists them "
-                        "by CUDA version), or use a newer GPU")
+                        f"({torch.__version__}) has GPU kernels for {min(codes) // 10}.{min(codes) % 10} to "
+                        f"{max(codes) // 10}.{max(codes) % 10} only ({' '.join(archs)}): install a torch build that "
+                        "supports it (pytorch.org lists them by CUDA version)")
 
 
 def keep_cuda_memory_unfragmented():
@@ -231,23 +232,25 @@ def keep_cuda_memory_unfragmented():
     user configured it. Training alternates with HellaSwag batches of varying shapes and with
     generation, which near the memory limit fragments fixed-size segments into out-of-memory
     errors. Read when the allocator starts, so it is set before anything touches CUDA."""
-    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+    if not {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF"} & os.environ.keys():
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def setup(device="auto", dtype="auto", group_of_one=False, float16=True):
+def setup(device="auto", dtype="auto", group_of_one=False, allow_float16=True):
     """Pick device and precision; under torchrun also join the process group (NCCL or gloo).
     group_of_one: a single process gets a process group of its own too (FSDP shards over one).
-    float16: whether the caller trains in float16 where bf16 is missing (FSDP does not)."""
+    allow_float16: whether the caller trains in float16 where bf16 is missing (FSDP does not)."""
     launch = launched()
     chosen = pick_device(device, launch.local_rank, launch.local_world_size)
     capability = None
     if chosen.startswith("cuda"):
         keep_cuda_memory_unfragmented()
         # this rank's GPU before anything queries or allocates: else every rank opens a context on GPU 0
-        torch.cuda.set_device(chosen)
+        with warnings.catch_warnings():  # torch's own many-line note on a card it lacks kernels for:
+            warnings.filterwarnings("ignore", message=".*(compute|CUDA) capability")  # require_kernels_for says it
+            torch.cuda.set_device(chosen)
         capability = torch.cuda.get_device_capability(chosen)
-    runtime = Runtime(chosen, pick_dtype(chosen, dtype, float16), launch.rank, launch.local_rank,
+    runtime = Runtime(chosen, pick_dtype(chosen, dtype, allow_float16), launch.rank, launch.local_rank,
                       launch.world_size, capability)
     if (launch.world_size > 1 or group_of_one) and not dist.is_initialized():
         backend = "nccl" if runtime.device_type == "cuda" else "gloo"

@@ -355,23 +355,23 @@ def cross_entropy_sum(h, weight, targets, chunk_size, gradients):
                 # d(loss sum)/d(logits) = softmax - one_hot
                 grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
                 grad_h[start:start + chunk_size] = grad @ w
-                grad_w += float32_product(grad.t(), hc)
+                grad_w += chunk_weight_gradient(grad, hc)
     return loss, grad_h, grad_w
 
 
-def float32_product(a, b):
-    """Return a @ b for a chunk's weight gradient, in float32 where a and b are float16.
+def chunk_weight_gradient(grad, hc):
+    """Return grad.T @ hc, a chunk's weight gradient: in float32 where the inputs are float16.
 
-    That product sums the gradients of up to a chunk's thousands of tokens, at the scale of the
-    loss sum, before any loss scale exists: where many tokens share a target and the hidden states
-    are large it passes float16's largest number (65,504), and the update is lost whatever the
-    scaler does. So it is accumulated and returned in float32: by CUDA's matmul itself, elsewhere
-    by casting first. bfloat16 has float32's range and keeps its fast product."""
-    if a.dtype != torch.float16:
-        return a @ b
-    if a.device.type == "cuda":
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
+    It sums the gradients of up to a chunk's thousands of tokens, at the scale of the loss sum,
+    before any loss scale exists: where many tokens share a target and the hidden states are large
+    it passes float16's largest number (65,504), and the update is lost whatever the scaler does.
+    So it is accumulated and returned in float32: by CUDA's matmul itself, elsewhere by casting
+    first. bfloat16 has float32's range and keeps its fast product."""
+    if grad.dtype != torch.float16:
+        return grad.t() @ hc
+    if grad.device.type == "cuda":
+        return torch.mm(grad.t(), hc, out_dtype=torch.float32)
+    return grad.t().float() @ hc.float()
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

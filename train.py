@@ -60,14 +60,14 @@ def main():
     raw_model = model_to_train(cfg, env_shape, state, resume_from)
     check_model_fits(raw_model.config, cfg)
     runtime = device.setup(cfg.device, cfg.dtype, group_of_one=cfg.parallel == "fsdp",
-                           float16=cfg.parallel != "fsdp")
-    try:
-        with StopSignals(runtime) as stop:
+                           allow_float16=cfg.parallel != "fsdp")
+    with StopSignals(runtime) as stop:  # through the teardown too: a rank that leaves last is not killed first
+        try:
             run = set_up(cfg, runtime, raw_model, state, resume_from)
             del state  # restored: the whole checkpoint no longer needs to stay in memory
             train(run, stop)
-    finally:
-        device.teardown()
+        finally:
+            device.teardown()
 
 
 @dataclass
@@ -107,7 +107,7 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
         print(f"=> calculated gradient accumulation steps: {grad_accum_steps}")
         if use_compile and runtime.device_type == "cuda" and not runtime.compiles:
             print("Warning: COMPILE=1 on a GPU older than compute capability 8.0, which Triton (torch.compile's "
-                  "GPU compiler) no longer supports: set COMPILE=0 if compiling fails", file=sys.stderr, flush=True)
+                  "GPU compiler) does not support: set COMPILE=0 if compiling fails", file=sys.stderr, flush=True)
 
     train_loader, val_loader = (shards.TokenLoader(cfg.dataset_path, split, cfg.batch_size, cfg.seq_length,
                                                    runtime.rank, runtime.world_size, verbose=master)
@@ -166,7 +166,7 @@ def train(run, stop):
             print(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
                   f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else "")
                   + (f" | peak mem: {peak_mib:.0f}MiB" if peak_mib else ""), flush=True)
-        skipped = count_skipped(run, step, loss, norm, skipped)
+        skipped = check_update(run, step, loss, norm, skipped)
 
         if last_step:  # the final weights, after the last update
             measured = evaluate(run, f"after update {step}")
@@ -394,7 +394,7 @@ def parallelize(raw_model, runtime, parallel, use_compile):
         return raw_model
     model = torch.compile(raw_model) if use_compile else raw_model
     if runtime.distributed:
-        model = DDP(model, device_ids=[runtime.local_rank] if runtime.device_type == "cuda" else None)
+        model = DDP(model, device_ids=[torch.device(runtime.device).index] if runtime.device_type == "cuda" else None)
     return model
 
 
@@ -556,8 +556,13 @@ def print_samples(run, when, num_samples=4, max_new_tokens=32):
     prompt = tokenizer.encode(SAMPLE_PROMPT)
     # a generator of its own: the same sampling noise every time, and the training RNG untouched
     generator = sampling.make_generator(runtime.device, run.cfg.seed + runtime.rank)
-    with runtime.autocast():
-        rows = sampling.generate(model, prompt, max_new_tokens, top_k=50, num_samples=num_samples, generator=generator)
+    try:
+        with runtime.autocast():
+            rows = sampling.generate(model, prompt, max_new_tokens, top_k=50, num_samples=num_samples,
+                                     generator=generator)
+    except UserError as error:  # float16 logits can overflow from finite weights: rank 0 alone, so no stop
+        print(f"Warning: no samples {when}: {error}", file=sys.stderr, flush=True)
+        return
     for i, row in enumerate(rows):
         print(f"rank {runtime.rank} sample {i}: {tokenizer.decode(prompt + row)}")
 
@@ -634,7 +639,7 @@ def save_checkpoint(run, step):
 MAX_SKIPPED = 50  # float16 updates in a row the loss scaler may skip before the run counts as collapsed
 
 
-def count_skipped(run, step, loss, norm, skipped):
+def check_update(run, step, loss, norm, skipped):
     """Return how many updates in a row the float16 loss scaler has now skipped, and stop the run
     where update `step` diverged. A loss or gradient norm that is not finite is divergence, except
     under float16, whose scaler skips such an update and halves its scale: a few skips are normal,
@@ -669,10 +674,9 @@ def stop_diverged(run, what):
     if path is None:
         advice = f"No checkpoint with finite weights was saved: start again with a lower MAX_LR than {cfg.max_lr:g}"
     else:
-        newest = checkpoint.latest_checkpoint(cfg.log_dir)
-        same = newest is not None and os.path.abspath(os.path.normpath(newest)) == os.path.abspath(os.path.normpath(path))
-        advice = (f"The newest checkpoint with finite weights is {path}: continue from it with "
-                  f"{'RESUME=1' if same else f'RESUME={path}'} and a lower MAX_LR than {cfg.max_lr:g}")
+        resume = "RESUME=1" if checkpoint.latest_checkpoint(cfg.log_dir) == path else f"RESUME={path}"
+        advice = (f"The newest checkpoint with finite weights is {path}: continue from it with {resume} and a "
+                  f"lower MAX_LR than {cfg.max_lr:g}")
     raise UserError(f"training diverged {what}. {advice}")
 
 

@@ -14,7 +14,7 @@ import train
 from env import UserError
 from settings import TrainConfig
 
-ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]  # torch 2.15's CUDA 13 build
+ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # as a CUDA 13 build of torch lists them
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def gpus(monkeypatch):
     asked = []
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # setup() sets them
 
-    def install(*cards, visible=None):
+    def install(*cards, visible=None, torchrun=False):
         current = [0]
 
         def index(d=None):
@@ -46,11 +46,13 @@ def gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: ask("capability", d)[1])
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: pytest.fail("is_bf16_supported asked"))
         monkeypatch.setattr(torch.version, "hip", None)
-        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK",
-                     "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        for name in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "CUDA_VISIBLE_DEVICES",
+                     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
             monkeypatch.delenv(name, raising=False)
         if visible is not None:
             monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        if torchrun:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
         return asked
 
     yield install
@@ -68,7 +70,7 @@ H100 = ("NVIDIA H100 80GB HBM3", (9, 0))
 ])
 def test_each_rank_picks_its_precision_by_its_own_gpus_capability(gpus, monkeypatch, card, dtype, compiles):
     # GPU 0 is another card: a query of it would give the wrong answer
-    asked = gpus(("NVIDIA B200", (10, 0)), card)
+    asked = gpus(("NVIDIA B200", (10, 0)), card, torchrun=True)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     runtime = device.setup("auto", "auto")
@@ -85,24 +87,28 @@ def test_a_gpu_the_installed_torch_has_no_kernels_for_is_one_line(gpus):
         device.setup("auto", "auto")
     assert str(error.value) == (
         "Tesla V100-SXM2-16GB has compute capability 7.0, but this torch "
-        f"({torch.__version__}) has GPU kernels for 7.5 and newer only ({' '.join(ARCHS)}): install a torch build "
-        "that supports it (pytorch.org lists them by CUDA version), or use a newer GPU")
+        f"({torch.__version__}) has GPU kernels for 7.5 to 12.0 only ({' '.join(ARCHS)}): install a torch build "
+        "that supports it (pytorch.org lists them by CUDA version)")
 
 
-@pytest.mark.parametrize("requested, float16, expected", [
-    ("bfloat16", True, "DTYPE=bfloat16 but Tesla T4 (compute capability 7.5) has no bfloat16 tensor cores"),
+T4_BF16 = "DTYPE=bfloat16 but Tesla T4 (compute capability 7.5) has no bfloat16 tensor cores (Ampere, 8.0, and newer have): "
+
+
+@pytest.mark.parametrize("requested, allow_float16, expected", [
+    ("bfloat16", True, T4_BF16 + "set DTYPE=float16, trained with a loss scaler, or leave DTYPE unset"),
+    ("bfloat16", False, T4_BF16 + "set DTYPE=float32, or leave DTYPE unset"),  # FSDP: no float16
     ("float16", True, torch.float16),
     ("float32", True, torch.float32),
     ("auto", False, torch.float32),  # FSDP, which does not train in float16: float32 on a T4
 ])
-def test_explicit_precisions_on_a_t4(gpus, requested, float16, expected):
+def test_explicit_precisions_on_a_t4(gpus, requested, allow_float16, expected):
     gpus(("Tesla T4", (7, 5)))
     if isinstance(expected, str):
         with pytest.raises(UserError) as error:
-            device.setup("auto", requested, float16=float16)
-        assert str(error.value).startswith(expected) and "set DTYPE=float16" in str(error.value)
+            device.setup("auto", requested, allow_float16=allow_float16)
+        assert str(error.value) == expected
     else:
-        assert device.setup("auto", requested, float16=float16).dtype == expected
+        assert device.setup("auto", requested, allow_float16=allow_float16).dtype == expected
 
 
 def test_the_settings_are_checked_without_touching_a_gpu(gpus, monkeypatch):
@@ -121,19 +127,21 @@ def test_a_single_process_on_cuda_n_makes_it_the_current_gpu(gpus):
     assert runtime.device == "cuda:1" and asked[0][:2] == ("set_device", 1)
 
 
-@pytest.mark.parametrize("requested, local_rank, local_ranks, cards, visible, expected", [
-    ("auto", 1, 2, 2, None, "cuda:1"),
-    ("cuda", 1, 2, 2, None, "cuda:1"),
-    ("auto", 0, 1, 2, None, "cuda:0"),
-    ("cuda:1", 0, 1, 2, None, "cuda:1"),
-    ("auto", 1, 2, 1, "3", "cuda:0"),  # SLURM shows each rank its own GPU as cuda:0
-    ("cuda:0", 1, 2, 1, "3", "cuda:0"),
-    ("cuda:1", 0, 2, 2, None, "DEVICE=cuda:1 would put all 2 ranks of this machine on one GPU"),
-    ("auto", 1, 2, 1, None, "torchrun starts 2 ranks on this machine, which has 1 GPU"),
-    ("auto", 3, 4, 2, None, r"at most one rank per GPU \(--nproc_per_node=2\)"),
+@pytest.mark.parametrize("requested, local_rank, local_ranks, cards, torchrun, expected", [
+    ("auto", 1, 2, 2, True, "cuda:1"),
+    ("cuda", 1, 2, 2, True, "cuda:1"),
+    ("auto", 0, 1, 2, False, "cuda:0"),
+    ("cuda:1", 0, 1, 2, False, "cuda:1"),
+    ("auto", 1, 1, 2, False, "cuda:1"),  # a launcher that sets LOCAL_RANK only
+    ("auto", 1, 2, 1, False, "cuda:0"),  # SLURM shows each rank its own GPU as cuda:0
+    ("cuda:0", 1, 2, 1, False, "cuda:0"),
+    ("cuda:1", 0, 2, 2, True, "DEVICE=cuda:1 would put all 2 ranks of this machine on one GPU"),
+    ("cuda:0", 0, 2, 1, True, "DEVICE=cuda:0 would put all 2 ranks of this machine on one GPU"),
+    ("auto", 1, 2, 1, True, "torchrun starts 2 ranks on this machine, which has 1 GPU"),  # whatever CUDA_VISIBLE_DEVICES
+    ("auto", 3, 4, 2, True, r"at most one rank per GPU \(--nproc_per_node=2\)"),
 ])
-def test_ranks_never_share_a_gpu(gpus, requested, local_rank, local_ranks, cards, visible, expected):
-    gpus(*[H100] * cards, visible=visible)
+def test_ranks_never_share_a_gpu(gpus, requested, local_rank, local_ranks, cards, torchrun, expected):
+    gpus(*[H100] * cards, visible="0" if cards == 1 else None, torchrun=torchrun)
     if expected.startswith("cuda"):
         assert device.pick_device(requested, local_rank, local_ranks) == expected
     else:
@@ -206,3 +214,12 @@ def test_the_peak_memory_of_an_update_is_measured_on_the_cpu():
     assert device.peak_memory(runtime) >= before + size - 10 * 2**20
     assert device.reset_peak_memory(runtime)  # the next update's peak starts from now
     assert device.peak_memory(runtime) < before + size // 2
+
+
+def test_ddp_runs_on_the_gpu_the_rank_took(monkeypatch):
+    """SLURM's own-GPU ranks all take cuda:0, whatever their LOCAL_RANK: DDP must use that GPU."""
+    wrapped = {}
+    monkeypatch.setattr(train, "DDP", lambda model, device_ids: wrapped.setdefault("device_ids", device_ids))
+    runtime = device.Runtime("cuda:0", torch.bfloat16, rank=1, local_rank=1, world_size=2)
+    train.parallelize(torch.nn.Linear(2, 2), runtime, "ddp", use_compile=False)
+    assert wrapped["device_ids"] == [0]

@@ -2,6 +2,7 @@
 never writes weights that are not finite; float16 trains through its loss scaler and the chunked
 loss, and a scaler that keeps skipping is a collapse."""
 
+import re
 import subprocess
 
 import pytest
@@ -45,15 +46,21 @@ def test_a_diverging_resume_stops_and_names_the_newest_finite_checkpoint(token_d
     assert stopped < 39  # long before MAX_STEPS
 
 
-def test_a_diverging_fsdp_run_stops_every_rank_with_one_line(runs, token_dataset, tmp_path):
-    env = subprocess_env(token_dataset, tmp_path, **{**STEPS, **HUGE_LR, "PARALLEL": "fsdp", "HELLASWAG_LIMIT": -1,
-                                                     "RESUME": runs["fsdp"] / "model_00009.dcp"})
+@pytest.mark.parametrize("parallel, healthy", [("ddp", "model_00009.pt"), ("fsdp", "model_00009.dcp")])
+def test_a_diverging_torchrun_stops_every_rank_with_one_line(runs, token_dataset, tmp_path, parallel, healthy):
+    env = subprocess_env(token_dataset, tmp_path, **{**STEPS, **HUGE_LR, "PARALLEL": parallel, "HELLASWAG_LIMIT": -1,
+                                                     "SAMPLE_INTERVAL": 1000, "RESUME": runs[parallel] / healthy})
     result = subprocess.run(TORCHRUN, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     line = diverged_line(result.stderr)  # rank 0 speaks; rank 1 exits quietly
+    assert result.stderr.count("exitcode  : 1 ") == 2  # both ranks exit 1: neither is killed by torchrun's SIGTERM
     saved = assert_every_checkpoint_finite(tmp_path)
-    newest = saved[-1] if saved else str(runs["fsdp"] / "model_00009.dcp")
-    assert f"The newest checkpoint with finite weights is {newest}: continue from it with RESUME" in line
+    named = re.search(r"The newest checkpoint with finite weights is (\S+): continue from it with (RESUME=\S+)", line)
+    if saved:  # the run's own newest, in its LOG_DIR
+        assert named.groups() == (saved[-1], "RESUME=1")
+    else:  # the one it resumed from, elsewhere
+        assert named.groups() == (str(runs[parallel] / healthy), f"RESUME={runs[parallel] / healthy}")
+    checkpoint.load_model(named[1])
 
 
 def test_a_validation_loss_of_nan_stops_the_run(token_dataset, tmp_path, monkeypatch, capsys):

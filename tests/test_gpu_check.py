@@ -97,3 +97,10 @@ def test_without_real_hellaswag_rows_a_few_are_written(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "REAL_HELLASWAG", ())
     rows = hellaswag.read_rows(gpu_check.hellaswag_rows(tmp_path))
     assert len(rows) >= gpu_check.DRY_RUN.hellaswag_rows
+
+
+def test_a_step_after_the_checks_time_is_up_is_skipped(tmp_path):
+    work = gpu_check.Work(tmp_path, gpu_check.DRY_RUN, hellaswag="")
+    with open(tmp_path / "log", "w") as log:
+        result = gpu_check.check(gpu_check.STEPS[0], work, passed=set(), log=log, seconds_left=5)
+    assert result.status == "skipped: the check's time is up"
