@@ -108,6 +108,16 @@ def keep_freed_memory():
     return mallopt({M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1})
 
 
+def return_freed_memory():
+    """Ask glibc to give every freed block of 1 MiB or more straight back to the OS, for FSDP.
+
+    FSDP gathers each block's weights, and frees them, twice an update: kept for reuse, those
+    blocks of every size fragment the heap, and the process holds about twice the memory it uses
+    (measured: 4.7 GB against 2.2 GB per rank, GPT-2 124M on 2 CPU ranks). The price is fresh
+    pages for each large tensor, about a tenth of the step time here."""
+    return mallopt({M_MMAP_THRESHOLD: 2**20, M_TRIM_THRESHOLD: 2**20})
+
+
 def mallopt(options):
     """Set glibc's allocator options ({option: value}); return False where there is no glibc."""
     if platform.system() != "Linux":
@@ -236,10 +246,11 @@ def keep_cuda_memory_unfragmented():
         os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def setup(device="auto", dtype="auto", group_of_one=False, allow_float16=True):
+def setup(device="auto", dtype="auto", sharded=False):
     """Pick device and precision; under torchrun also join the process group (NCCL or gloo).
-    group_of_one: a single process gets a process group of its own too (FSDP shards over one).
-    allow_float16: whether the caller trains in float16 where bf16 is missing (FSDP does not)."""
+    sharded (FSDP): a single process gets a process group of its own too (FSDP shards over one),
+    float32 replaces float16 where bf16 is missing (its loss scaler is untested under FSDP), and a
+    CPU process returns freed memory to the OS instead of keeping it."""
     launch = launched()
     chosen = pick_device(device, launch.local_rank, launch.local_world_size)
     capability = None
@@ -250,14 +261,14 @@ def setup(device="auto", dtype="auto", group_of_one=False, allow_float16=True):
             warnings.filterwarnings("ignore", message=".*(compute|CUDA) capability")  # require_kernels_for says it
             torch.cuda.set_device(chosen)
         capability = torch.cuda.get_device_capability(chosen)
-    runtime = Runtime(chosen, pick_dtype(chosen, dtype, allow_float16), launch.rank, launch.local_rank,
+    runtime = Runtime(chosen, pick_dtype(chosen, dtype, allow_float16=not sharded), launch.rank, launch.local_rank,
                       launch.world_size, capability)
-    if (launch.world_size > 1 or group_of_one) and not dist.is_initialized():
+    if (launch.world_size > 1 or sharded) and not dist.is_initialized():
         backend = "nccl" if runtime.device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=torch.device(chosen) if backend == "nccl" else None,
                                 **meeting_point(launch.rank, launch.world_size))
     if runtime.device_type == "cpu":
-        keep_freed_memory()
+        return_freed_memory() if sharded else keep_freed_memory()
     if runtime.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever runs outside autocast
         torch.backends.cudnn.allow_tf32 = True

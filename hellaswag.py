@@ -290,12 +290,14 @@ def _pack(rows, device):
     return ids, pos, mask, torch.tensor(where), target, torch.tensor(owner), number
 
 
-def _score_rows(model, rows, head, chunk):
+def _score_rows(model, rows, runtime, chunk):
     """Return the summed NLL (examples, 4) of every ending of the examples in `rows`, in row order,
     from one forward pass."""
-    device = head.device
+    device = runtime.device
     ids, pos, mask, where, target, owner, count = _pack(rows, device)  # where, target, owner: (targets,)
     hidden = model.hidden(ids, pos=pos, attn_mask=mask).flatten(0, 1)  # (rows * width, n_embd)
+    # read after hidden(), which under FSDP gathers the tied weight; cast once, not on every chunk
+    head = model.lm_head.weight[:GPT2_VOCAB_SIZE].to(runtime.dtype)  # (vocab, n_embd)
     # the context's last position predicts all four first tokens: project each position once
     needed, slot = torch.unique_consecutive(where, return_inverse=True)  # (positions,), (targets,)
     bounds = torch.searchsorted(slot, torch.arange(0, len(needed) + chunk, chunk)).tolist()
@@ -351,9 +353,12 @@ def default_batch_size(device_type):
 
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts the weights on every call
-def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progress=False, chunk=1024):
+def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progress=False, chunk=1024,
+             lockstep=False):
     """Score `examples` with the raw (uncompiled, unwrapped) GPT `model`. Under torchrun every rank
-    scores its share and the scores are all-reduced, so every rank returns the same full Result."""
+    scores its share and the scores are all-reduced, so every rank returns the same full Result.
+    lockstep: every rank makes as many forward passes as the busiest (FSDP, whose forward pass
+    gathers each block's weights from all ranks), the extra ones scoring a batch again."""
     if variant not in VARIANTS:
         raise UserError(f"HellaSwag variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     batch_size = batch_size or default_batch_size(runtime.device_type)
@@ -365,9 +370,6 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
     mine = range(rank, len(examples), world)
     encoded = {i: encode_example(examples[i], variant, block_size) for i in mine}
     rows = _fill_rows(encoded, ROW_WIDTH)  # longest first: rows of similar width share a batch
-    head = model.lm_head.weight[:GPT2_VOCAB_SIZE]  # (vocab, n_embd)
-    if runtime.dtype != torch.float32:
-        head = head.to(runtime.dtype)  # cast once, not on every chunk
     # per example: the four summed NLLs and the four acc_norm divisors
     scores = torch.zeros(len(examples), 2, 4, dtype=torch.float64)  # (examples, 2, 4)
     bar = tqdm(total=len(examples), unit=" examples", disable=not (progress and rank == 0), dynamic_ncols=True)
@@ -378,13 +380,21 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
             count = 0
         batches[-1].append(row)
         count += len(row)
+    extra = []  # lockstep: batches this rank scores again, for nothing, while the others finish theirs
+    if lockstep and distributed:
+        most = torch.tensor([len(batches)], device=runtime.device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        encoded.setdefault(0, encode_example(examples[0], variant, block_size))  # a rank with none of its own
+        extra = (batches[:1] or [[[0]]]) * (int(most) - len(batches))
     with runtime.autocast():  # one autocast region: the weights are cast to low precision once
         for batch in batches:
             chosen = [i for row in batch for i in row]
             # (chosen, 4) each: the summed NLLs, then the acc_norm divisors
-            scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], head, chunk)
+            scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], runtime, chunk)
             scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64)
             bar.update(min(len(chosen) * world, len(examples) - bar.n))
+        for batch in extra:
+            _score_rows(model, [[encoded[i] for i in row] for row in batch], runtime, chunk)
     bar.close()
     if distributed:  # each example is filled on exactly one rank, zero elsewhere
         on = runtime.device if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only

@@ -382,17 +382,19 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
         loss_sum, grad_h, grad_w = cross_entropy_sum(h, weight, targets, chunk_size, gradients=True)
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.gradients = grad_h, grad_w  # outputs of ours, not inputs: held as attributes, let go in backward
         ctx.h_dtype = h.dtype
         return loss_sum / h.size(0)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        # the 1/n of the mean is applied here, together with the incoming gradient, in h's own
-        # precision (float32 under autocast): in float16 a small gradient divided by n would vanish
+        grad_h, grad_w = ctx.gradients
+        del ctx.gradients  # so that autograd takes grad_w as the weight's .grad instead of copying it
+        # the 1/n of the mean is applied here, together with the incoming gradient, in place (the
+        # weight gradient is the size of the vocabulary's matrix), and in h's own precision
+        # (float32 under autocast): in float16 a small gradient divided by n would vanish
         scale = grad_loss / grad_h.size(0)
-        return grad_h.to(ctx.h_dtype) * scale, grad_w * scale, None, None
+        return grad_h.to(ctx.h_dtype).mul_(scale), grad_w.mul_(scale), None, None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -59,8 +59,7 @@ def main():
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw_model = model_to_train(cfg, env_shape, state, resume_from)
     check_model_fits(raw_model.config, cfg)
-    runtime = device.setup(cfg.device, cfg.dtype, group_of_one=cfg.parallel == "fsdp",
-                           allow_float16=cfg.parallel != "fsdp")
+    runtime = device.setup(cfg.device, cfg.dtype, sharded=cfg.parallel == "fsdp")
     with StopSignals(runtime) as stop:  # through the teardown too: a rank that leaves last is not killed first
         try:
             run = set_up(cfg, runtime, raw_model, state, resume_from)
@@ -76,7 +75,7 @@ class Run:
 
     cfg: TrainConfig
     runtime: device.Runtime
-    raw_model: GPT  # checkpoints save this one (under FSDP, sharded in place), evaluation a whole copy...
+    raw_model: GPT  # evaluation and checkpoints use this one (under FSDP, sharded in place)...
     model: torch.nn.Module  # ...and the updates run through this one: compiled, DDP-wrapped or sharded
     optimizers: list  # AdamW; with OPTIMIZER=muon, Muon too
     scaler: torch.amp.GradScaler
@@ -89,7 +88,6 @@ class Run:
     val_loss: float | None  # the last one measured, saved in checkpoints
     peak_flops: float | None  # of one device, for MFU; None: unknown
     finite_checkpoint: str | None  # the newest checkpoint with finite weights, where a diverged run continues
-    gathered: GPT | None = None  # under FSDP, the whole copy of the current weights (whole_model)
 
 
 def set_up(cfg, runtime, raw_model, state, resume_from):
@@ -112,7 +110,8 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
     train_loader, val_loader = (shards.TokenLoader(cfg.dataset_path, split, cfg.batch_size, cfg.seq_length,
                                                    runtime.rank, runtime.world_size, verbose=master)
                                 for split in ("train", "val"))
-    raw_model.to(runtime.device)
+    if cfg.parallel != "fsdp":  # fully_shard moves each group there itself, so that no rank holds the whole
+        raw_model.to(runtime.device)
     model = parallelize(raw_model, runtime, cfg.parallel, use_compile)
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master,
                                                 optimizer=cfg.optimizer)
@@ -151,7 +150,6 @@ def train(run, stop):
         if step > 0 and step % cfg.sample_interval == 0:
             print_samples(run, f"before update {step}")
 
-        run.gathered = None  # the update changes the weights: a copy whole_model gathered goes first
         measuring = device.reset_peak_memory(runtime)
         t0 = time.perf_counter()
         lr = get_lr(step, cfg)
@@ -378,12 +376,13 @@ def continue_run(cfg, state, path, master):
 def parallelize(raw_model, runtime, parallel, use_compile):
     """Return the model the updates run through. PARALLEL=fsdp: raw_model itself, sharded in place
     over the ranks (each block, then the root, which keeps the tied wte/lm_head weight one
-    parameter), each block compiled first when COMPILE is on, as torchtitan does. Otherwise
-    raw_model compiled, and under torchrun DDP-wrapped: evaluation and sampling then use raw_model,
-    so neither lives with the compiler's recompilations or DDP's hooks."""
+    parameter), each block compiled first when COMPILE is on, as torchtitan does; hidden(), which
+    evaluation and generation call, gathers like forward(). Otherwise raw_model compiled, and under
+    torchrun DDP-wrapped: evaluation and sampling then use raw_model, so neither lives with the
+    compiler's recompilations or DDP's hooks."""
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(runtime.device_type, (runtime.world_size,))
         for block in raw_model.transformer.h:
@@ -391,29 +390,12 @@ def parallelize(raw_model, runtime, parallel, use_compile):
                 block.compile()
             fully_shard(block, mesh=mesh)
         fully_shard(raw_model, mesh=mesh)
+        register_fsdp_forward_method(raw_model, "hidden")
         return raw_model
     model = torch.compile(raw_model) if use_compile else raw_model
     if runtime.distributed:
         model = DDP(model, device_ids=[torch.device(runtime.device).index] if runtime.device_type == "cuda" else None)
     return model
-
-
-def whole_model(run):
-    """Return the current weights as one plain GPT on every rank, for evaluation and samples: the
-    raw model, or under FSDP a copy gathered from the shards (every rank must call this then). The
-    copy serves the evaluation and the samples of one step, and is dropped before the update."""
-    if run.cfg.parallel != "fsdp":
-        return run.raw_model
-    if run.gathered is None:
-        with torch.device("meta"):  # no memory and no random init for weights about to be overwritten
-            copy = GPT(run.raw_model.config)
-        copy.to_empty(device=run.runtime.device)
-        copy.transformer.wte.weight = copy.lm_head.weight  # to_empty unties them
-        with torch.no_grad():
-            for name, parameter in run.raw_model.named_parameters():
-                copy.get_parameter(name).copy_(parameter.full_tensor())
-        run.gathered = copy.eval()
-    return run.gathered
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,10 +425,9 @@ def train_step(model, optimizers, scaler, loader, runtime, grad_accum_steps, lr)
     loss_accum = torch.zeros((), device=runtime.device)
     for micro_step in range(grad_accum_steps):
         x, y = device.to_device(loader.next_batch(), runtime.device)
-        # DDP and FSDP reduce gradients across the ranks in backward(): needed once, after the last micro-step
+        # DDP all-reduces gradients in backward(): needed once, after the last micro-step. FSDP
+        # reduce-scatters them after every micro-step, so that no rank ever holds them whole
         last = micro_step == grad_accum_steps - 1
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's (duck-typed: its modules take 2 s to import)
-            model.set_requires_gradient_sync(last)
         with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
             with runtime.autocast():
                 _, loss = model(x, y, return_logits=False)  # the loss without materialising the logits
@@ -493,21 +474,33 @@ def all_ranks_mean(value, runtime):
 def evaluate(run, when):
     """Measure the current weights (`when`: "before update N", ...): return (validation loss,
     HellaSwag acc_norm or None). A validation loss that is not finite stops the run."""
-    model = whole_model(run)
-    val_loss = validation_loss(model, run.val_loader, run.runtime, run.cfg.val_steps)
-    if run.runtime.master:
-        print(f"validation loss: {val_loss:.4f}")
-    if not math.isfinite(val_loss):  # the same on every rank: it was averaged over them
-        stop_diverged(run, f"{when}: the validation loss is {val_loss}")
-    accuracy = None
-    if run.hellaswag_rows:
-        import hellaswag
-
-        result = hellaswag.evaluate(model, run.runtime, run.hellaswag_rows)
+    with between_updates(run) as model:
+        val_loss = validation_loss(model, run.val_loader, run.runtime, run.cfg.val_steps)
         if run.runtime.master:
-            print(f"HellaSwag accuracy: {result.correct_norm}/{result.total}={result.acc_norm:.4f}")
-        accuracy = result.acc_norm
+            print(f"validation loss: {val_loss:.4f}")
+        if not math.isfinite(val_loss):  # the same on every rank: it was averaged over them
+            stop_diverged(run, f"{when}: the validation loss is {val_loss}")
+        accuracy = None
+        if run.hellaswag_rows:
+            import hellaswag
+
+            result = hellaswag.evaluate(model, run.runtime, run.hellaswag_rows, lockstep=run.cfg.parallel == "fsdp")
+            if run.runtime.master:
+                print(f"HellaSwag accuracy: {result.correct_norm}/{result.total}={result.acc_norm:.4f}")
+            accuracy = result.acc_norm
     return val_loss, accuracy
+
+
+@contextlib.contextmanager
+def between_updates(run):
+    """Lend the raw model to evaluation and samples. It runs eagerly: the varying shapes of
+    HellaSwag and generation would recompile FSDP's compiled blocks (elsewhere the raw model is
+    not compiled at all). Under FSDP the root keeps the tied embedding gathered after a forward
+    pass, as training's backward wants: it is released again here."""
+    with torch.compiler.set_stance("force_eager"):
+        yield run.raw_model
+    if run.cfg.parallel == "fsdp":
+        run.raw_model.reshard()
 
 
 @torch.no_grad()
@@ -546,25 +539,28 @@ def load_hellaswag(limit, runtime):
 
 
 def print_samples(run, when, num_samples=4, max_new_tokens=32):
-    """Rank 0 prints samples of the current weights (every rank calls this: under FSDP they gather
-    them, and all agree that the weights are finite first)."""
-    model, runtime = whole_model(run), run.runtime
+    """Rank 0 prints samples of the current weights. Every rank calls this, and all agree first that
+    the weights are finite; under FSDP every rank makes the same samples, since each forward pass
+    gathers weights from all of them."""
+    runtime = run.runtime
     if not weights_finite(run):
         stop_diverged(run, f"{when}: the weights are not finite")
-    if not runtime.master:
+    if not (runtime.master or run.cfg.parallel == "fsdp"):
         return
     prompt = tokenizer.encode(SAMPLE_PROMPT)
-    # a generator of its own: the same sampling noise every time, and the training RNG untouched
-    generator = sampling.make_generator(runtime.device, run.cfg.seed + runtime.rank)
+    # a generator of its own: the same sampling noise every time and on every rank, the training RNG untouched
+    generator = sampling.make_generator(runtime.device, run.cfg.seed)
     try:
-        with runtime.autocast():
+        with between_updates(run) as model, runtime.autocast():
             rows = sampling.generate(model, prompt, max_new_tokens, top_k=50, num_samples=num_samples,
                                      generator=generator)
-    except UserError as error:  # float16 logits can overflow from finite weights: rank 0 alone, so no stop
-        print(f"Warning: no samples {when}: {error}", file=sys.stderr, flush=True)
+    except UserError as error:  # float16 logits can overflow from finite weights: a warning, not a stop
+        if runtime.master:
+            print(f"Warning: no samples {when}: {error}", file=sys.stderr, flush=True)
         return
-    for i, row in enumerate(rows):
-        print(f"rank {runtime.rank} sample {i}: {tokenizer.decode(prompt + row)}")
+    if runtime.master:
+        for i, row in enumerate(rows):
+            print(f"rank 0 sample {i}: {tokenizer.decode(prompt + row)}")
 
 
 # ----------------------------------------------------------------------------------------------

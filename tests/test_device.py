@@ -94,21 +94,22 @@ def test_a_gpu_the_installed_torch_has_no_kernels_for_is_one_line(gpus):
 T4_BF16 = "DTYPE=bfloat16 but Tesla T4 (compute capability 7.5) has no bfloat16 tensor cores (Ampere, 8.0, and newer have): "
 
 
-@pytest.mark.parametrize("requested, allow_float16, expected", [
-    ("bfloat16", True, T4_BF16 + "set DTYPE=float16, trained with a loss scaler, or leave DTYPE unset"),
-    ("bfloat16", False, T4_BF16 + "set DTYPE=float32, or leave DTYPE unset"),  # FSDP: no float16
-    ("float16", True, torch.float16),
-    ("float32", True, torch.float32),
-    ("auto", False, torch.float32),  # FSDP, which does not train in float16: float32 on a T4
+@pytest.mark.parametrize("requested, sharded, expected", [
+    ("bfloat16", False, T4_BF16 + "set DTYPE=float16, trained with a loss scaler, or leave DTYPE unset"),
+    ("bfloat16", True, T4_BF16 + "set DTYPE=float32, or leave DTYPE unset"),  # FSDP: no float16
+    ("float16", False, torch.float16),
+    ("float32", False, torch.float32),
+    ("auto", True, torch.float32),  # FSDP, which does not train in float16: float32 on a T4
 ])
-def test_explicit_precisions_on_a_t4(gpus, requested, allow_float16, expected):
+def test_explicit_precisions_on_a_t4(gpus, monkeypatch, requested, sharded, expected):
+    monkeypatch.setattr(device.dist, "init_process_group", lambda **kwargs: None)  # FSDP's group of one
     gpus(("Tesla T4", (7, 5)))
     if isinstance(expected, str):
         with pytest.raises(UserError) as error:
-            device.setup("auto", requested, allow_float16=allow_float16)
+            device.setup("auto", requested, sharded=sharded)
         assert str(error.value) == expected
     else:
-        assert device.setup("auto", requested, allow_float16=allow_float16).dtype == expected
+        assert device.setup("auto", requested, sharded=sharded).dtype == expected
 
 
 def test_the_settings_are_checked_without_touching_a_gpu(gpus, monkeypatch):
