@@ -208,21 +208,26 @@ def split_tensors(state):
 # ----------------------------------------------------------------------------------------------
 # loading
 
-def load(path, with_optimizer=True):
+def load(path, with_optimizer=True, lazily=False):
     """Return the checkpoint's dictionary, on the CPU, whatever its form: the same keys for both.
     A .dcp's optimizer tensors are read only `with_optimizer` (a .pt file is read whole). Anything
-    that is not one of ours is a UserError."""
+    that is not one of ours is a UserError.
+
+    lazily (FSDP resuming, where no rank should hold the whole training state): a .pt file's tensors
+    are mapped from the file and read only where used; a .dcp's are not read at all (no "model"
+    entry, no optimizer "state"): load_into_shards reads each rank's part once the model is sharded."""
     if os.path.isdir(path):
-        state = load_sharded(path, with_optimizer)
+        state = load_sharded(path, with_optimizer, read_tensors=not lazily)
     else:
-        state = torch_load(path)
-    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        state = torch_load(path, mmap=lazily)
+    if not isinstance(state, dict) or "config" not in state or not ("model" in state or is_sharded(path)):
         raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
     return state
 
 
-def torch_load(path):
-    """Read a file torch.save wrote, refusing anything but tensors and plain values."""
+def torch_load(path, mmap=False):
+    """Read a file torch.save wrote, refusing anything but tensors and plain values (with `mmap`,
+    its tensors are mapped from the file: read as they are used)."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     if not os.access(path, os.R_OK):
@@ -230,7 +235,7 @@ def torch_load(path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols say nothing to a user
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         # weights_only refuses any class or function reference instead of importing it
         blocked = re.search(r"GLOBAL (\S+)", str(error))
@@ -247,26 +252,29 @@ def torch_load(path):
         raise UserError(f"{path} is not a checkpoint (its contents are not a PyTorch save file)") from None
 
 
-def load_sharded(path, with_optimizer):
+def load_sharded(path, with_optimizer, read_tensors=True):
     """Read a .dcp folder whole, with no process group (DCP reassembles the shards), into the
-    dictionary a .pt file holds."""
+    dictionary a .pt file holds; without `read_tensors`, only train_state.pt (the metadata is
+    checked all the same)."""
     import torch.distributed.checkpoint as dcp
     if not is_sharded(path):
         raise UserError(f"{path} is not a checkpoint (a folder without DCP's .metadata: an unfinished save?)")
     reader = safe_reader(path)
-    tensors = {}
-    for key, item in reader.read_metadata().state_dict_metadata.items():
-        if key.startswith("model.") or with_optimizer:
-            tensors[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    tensors = {key: torch.empty(item.size, dtype=item.properties.dtype)
+               for key, item in reader.read_metadata().state_dict_metadata.items()
+               if read_tensors and (key.startswith("model.") or with_optimizer)}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP's note that it loads in one process: that is the intent
-            dcp.load(tensors, storage_reader=reader, no_dist=True)
+            if read_tensors:
+                dcp.load(tensors, storage_reader=reader, no_dist=True)
     except Exception as error:  # a missing or truncated shard file
         raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason(error)})") from None
     state = torch_load(os.path.join(path, TRAIN_STATE))
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (its {TRAIN_STATE} is no dictionary)")
+    if not read_tensors:
+        return state
     state["model"] = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
     if with_optimizer and isinstance(state.get("optimizer"), dict):
         per_parameter = {}
@@ -331,12 +339,19 @@ def safe_reader(path):
     return SafeFileSystemReader(path)
 
 
+def model_config(state, path="checkpoint", dropout=0.0):
+    """Return the GPTConfig of the checkpoint's model."""
+    try:
+        return GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE}, dropout=dropout)
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(f"{path} does not hold a GPT model this code can load: {reason(error)}") from None
+
+
 def build_model(state, path="checkpoint", dropout=0.0):
     """Build a GPT with the checkpoint's shape and weights (on the CPU, in float32). Weights with a
     nan or inf are refused here, naming the first such tensor, rather than sampled or trained from."""
     try:
-        config = GPTConfig(**{name: int(state["config"][name]) for name in GPTConfig.SHAPE}, dropout=dropout)
-        model = GPT(config)
+        model = GPT(model_config(state, path, dropout))
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserError(f"{path} does not hold a GPT model this code can load: {reason(error)}") from None
@@ -465,18 +480,65 @@ def restore_training_state(state, path, optimizers, scaler, loader, device, weig
 
 
 def shard_like_parameters(optimizer_state, optimizer):
-    """The optimizer state with each whole per-parameter tensor (exp_avg, ...) cut into the shards
-    of its parameter, where FSDP has sharded the parameters (a DTensor); unchanged otherwise."""
+    """The optimizer state with each whole per-parameter tensor (exp_avg, ...) cut into this rank's
+    shard of its parameter, where FSDP has sharded the parameters (a DTensor); unchanged otherwise.
+    Each rank reads its own rows only: of tensors mapped from a file, nothing more is read."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     if not any(hasattr(p, "device_mesh") for p in parameters):  # no DTensor (whose modules take 2 s to import)
         return optimizer_state
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     sharded = {}
     for index, per_parameter in optimizer_state["state"].items():
         p = parameters[index]
-        sharded[index] = {key: distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements)
-                          if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape
+        sharded[index] = {key: DTensor.from_local(local_rows(value, p).to(p.device, copy=True), p.device_mesh,
+                                                  p.placements, shape=p.shape, stride=p.stride())
+                          if isinstance(p, DTensor) and type(value) is torch.Tensor and value.shape == p.shape
                           else value
                           for key, value in per_parameter.items()}
     return {**optimizer_state, "state": sharded}
+
+
+def local_rows(whole, sharded):
+    """Return this rank's rows of the whole tensor `whole`, as FSDP cuts the DTensor `sharded`
+    (along the first dimension, as torch.chunk does; a rank past the last chunk holds none). A view:
+    of a tensor mapped from a file, only those rows are ever read."""
+    chunks = whole.chunk(sharded.device_mesh.size(), dim=0)
+    rank = sharded.device_mesh.get_local_rank()
+    return chunks[rank] if rank < len(chunks) else whole[:0]
+
+
+def load_into_shards(state, path, model, optimizers):
+    """Fill a model built on the meta device and sharded by FSDP, from a checkpoint loaded lazily
+    (load(lazily=True)), each rank reading its own part only, never the whole training state: a .pt
+    file's weights as the rows of its tensors mapped from the file (restore_training_state cuts the
+    optimizer's the same way); a .dcp's weights and optimizer tensors through DCP, which reads each
+    rank's chunks straight into its shards, resharding when the number of ranks changed. The
+    optimizer's tensors are left in state, where restore_training_state takes them."""
+    with torch.no_grad():
+        if "model" in state:
+            for name, p in model.named_parameters():
+                p.to_local().copy_(local_rows(state["model"][name], p))
+            return
+    import torch.distributed.checkpoint as dcp
+
+    reader = safe_reader(path)
+    wanted = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}  # the shards themselves
+    (optimizer,) = optimizers  # under FSDP AdamW alone
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    per_parameter = {}
+    metadata = reader.read_metadata().state_dict_metadata
+    try:
+        for key, item in metadata.items():
+            if key.startswith("optimizer."):
+                index, name = key[len("optimizer."):].split(".", 1)
+                p = parameters[int(index)]
+                like_p = tuple(item.size) == tuple(p.shape)  # exp_avg and exp_avg_sq, cut as p is; step is a scalar
+                value = torch.empty_like(p) if like_p else torch.empty(item.size, dtype=item.properties.dtype)
+                wanted[key] = per_parameter.setdefault(int(index), {})[name] = value
+        dcp.load(wanted, storage_reader=reader)
+    except (IndexError, ValueError) as error:
+        raise UserError(f"{path} holds an optimizer state this model cannot use: {reason(error)}") from None
+    except Exception as error:  # DCP's CheckpointException: a missing or truncated shard file
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason(error)})") from None
+    state["optimizer"]["state"] = per_parameter

@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from device import cpu_has_native_bf16
 from env import UserError, reason
@@ -85,8 +86,15 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
+        self.checkpointing = False  # activation checkpointing: GPT.checkpoint_activations
 
     def forward(self, x, attn_mask=None, cache=None):
+        if self.checkpointing and torch.is_grad_enabled():
+            # keep only x for backward, which computes the block again (with the same dropout)
+            return checkpoint(self.residual, x, attn_mask, cache, use_reentrant=False)
+        return self.residual(x, attn_mask, cache)
+
+    def residual(self, x, attn_mask, cache):
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -158,6 +166,13 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1))
         return logits, loss
+
+    def checkpoint_activations(self, on=True):
+        """Have every block keep only its input for the backward pass, which runs the block's forward
+        again to get the rest: activation memory of one block instead of all, for a third more
+        compute. The parameters and their names do not change, so checkpoints do not either."""
+        for block in self.transformer.h:
+            block.checkpointing = on
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, verbose=True, optimizer="adamw"):
         """Return the optimizers, a list: AdamW with GPT-2's betas, decaying the matmul weights and

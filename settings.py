@@ -74,6 +74,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # 0: look the GPU up in device.GPU_PEAK_TFLOPS
     init_from: str = "scratch"
     parallel: str = "ddp"  # under torchrun: ddp (every rank a whole copy) or fsdp (every rank a shard)
+    activation_checkpointing: bool = False  # keep only each block's input for backward, which recomputes the rest
 
     @classmethod
     def from_env(cls):

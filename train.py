@@ -110,13 +110,22 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
     train_loader, val_loader = (shards.TokenLoader(cfg.dataset_path, split, cfg.batch_size, cfg.seq_length,
                                                    runtime.rank, runtime.world_size, verbose=master)
                                 for split in ("train", "val"))
+    raw_model.checkpoint_activations(cfg.activation_checkpointing)
     if cfg.parallel != "fsdp":  # fully_shard moves each group there itself, so that no rank holds the whole
         raw_model.to(runtime.device)
     model = parallelize(raw_model, runtime, cfg.parallel, use_compile)
+    sharded_resume = state is not None and cfg.parallel == "fsdp"
+    if sharded_resume:
+        materialize(raw_model, runtime.device)
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master,
                                                 optimizer=cfg.optimizer)
     scaler = grad_scaler(runtime)
     start_step, val_loss = 0, None
+    if sharded_resume:
+        checkpoint.load_into_shards(state, resume_from, raw_model, optimizers)
+        if not weights_finite(raw_model, runtime):
+            stop_every_rank(runtime, f"{resume_from} holds weights that are not finite: it was saved by a run that "
+                                     "diverged; use an earlier checkpoint")
     if state is not None:
         checkpoint.restore_training_state(state, resume_from, optimizers, scaler, train_loader, runtime.device,
                                           cfg.weight_decay)
@@ -253,8 +262,9 @@ def resume_path(cfg, master):
 
 
 def load_resume_state(path, env_shape, cfg, master):
-    """Load the checkpoint to continue from, checked against the model variables and MAX_STEPS."""
-    state = checkpoint.load(path)
+    """Load the checkpoint to continue from, checked against the model variables and MAX_STEPS.
+    Under FSDP its tensors are read later, each rank its own part (checkpoint.load_into_shards)."""
+    state = checkpoint.load(path, lazily=cfg.parallel == "fsdp")
     checkpoint.require_training_state(state, path)
     check_shape(env_shape, state["config"], f"the checkpoint {path}")
     if state["step"] + 1 >= cfg.max_steps and cfg.resume == "auto":  # done: a supervisor need not retry
@@ -297,7 +307,12 @@ def check_same_start(start_step, runtime):
 
 def model_to_train(cfg, env_shape, state, path):
     """Build the model training starts from, on the CPU: the checkpoint's when resuming, OpenAI's
-    (or a local GPT2LMHeadModel's) with INIT_FROM, else a new one shaped by the model variables."""
+    (or a local GPT2LMHeadModel's) with INIT_FROM, else a new one shaped by the model variables.
+    Resuming under FSDP it is built on the meta device, with no storage: each rank fills in its own
+    shards once sharded (set_up)."""
+    if state is not None and cfg.parallel == "fsdp":
+        with torch.device("meta"):
+            return GPT(checkpoint.model_config(state, path, env_shape.dropout))
     if state is not None:  # load_resume_state() has checked the shape against the environment
         return checkpoint.build_model(state, path, dropout=env_shape.dropout)
     if cfg.init_from != "scratch":
@@ -371,6 +386,18 @@ def continue_run(cfg, state, path, master):
                if name not in ("resume", "force") and name in saved and saved[name] != value]
     if changed and master:
         print("training variables changed since the checkpoint: " + ", ".join(changed))
+
+
+def materialize(model, device):
+    """Give a model built on the meta device real, uninitialised storage on `device` (under FSDP each
+    rank its shards only). The parameters are swapped in place rather than replaced, as nn.Module's
+    default conversion does, which would untie the embedding from the output layer."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
 
 
 def parallelize(raw_model, runtime, parallel, use_compile):
@@ -543,7 +570,7 @@ def print_samples(run, when, num_samples=4, max_new_tokens=32):
     the weights are finite; under FSDP every rank makes the same samples, since each forward pass
     gathers weights from all of them."""
     runtime = run.runtime
-    if not weights_finite(run):
+    if not weights_finite(run.raw_model, runtime):
         stop_diverged(run, f"{when}: the weights are not finite")
     if not (runtime.master or run.cfg.parallel == "fsdp"):
         return
@@ -614,7 +641,7 @@ def save_checkpoint(run, step):
     rank 0, or under FSDP $LOG_DIR/model_{step:05d}.dcp/ from every rank, each its own shards.
     Weights that are not finite are never saved: the run stops instead, keeping the checkpoints
     it could continue from."""
-    if not weights_finite(run):
+    if not weights_finite(run.raw_model, run.runtime):
         stop_diverged(run, f"after update {step}: the weights are not finite")
     sharded = run.cfg.parallel == "fsdp"
     target = checkpoint.checkpoint_path(run.cfg.log_dir, step, sharded)
@@ -651,21 +678,25 @@ def check_update(run, step, loss, norm, skipped):
     return skipped + 1
 
 
-def weights_finite(run):
+def weights_finite(model, runtime):
     """Return whether every weight is finite, the same answer on every rank: under FSDP each rank
     holds a shard, so they agree over one small all-reduce."""
-    parameters = [p.to_local() if hasattr(p, "to_local") else p for p in run.raw_model.parameters()]  # FSDP's shards
+    parameters = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP's shards
     finite = torch.stack([torch.isfinite(p).all() for p in parameters]).all().int()
-    if run.runtime.distributed:
+    if runtime.distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite)
 
 
-def stop_diverged(run, what):
-    """Stop every rank (each found the same): rank 0 says what diverged and where to continue from,
-    in one line; every rank exits 1."""
-    if not run.runtime.master:
+def stop_every_rank(runtime, message):
+    """Stop every rank, which all found the same: rank 0 says why in one line; every rank exits 1."""
+    if not runtime.master:
         raise SystemExit(1)
+    raise UserError(message)
+
+
+def stop_diverged(run, what):
+    """Stop every rank: rank 0 says what diverged and where to continue from."""
     path, cfg = run.finite_checkpoint, run.cfg
     if path is None:
         advice = f"No checkpoint with finite weights was saved: start again with a lower MAX_LR than {cfg.max_lr:g}"
@@ -673,7 +704,7 @@ def stop_diverged(run, what):
         resume = "RESUME=1" if checkpoint.latest_checkpoint(cfg.log_dir) == path else f"RESUME={path}"
         advice = (f"The newest checkpoint with finite weights is {path}: continue from it with {resume} and a "
                   f"lower MAX_LR than {cfg.max_lr:g}")
-    raise UserError(f"training diverged {what}. {advice}")
+    stop_every_rank(run.runtime, f"training diverged {what}. {advice}")
 
 
 if __name__ == "__main__":
