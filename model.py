@@ -363,15 +363,26 @@ def cross_entropy_sum(h, weight, targets, chunk_size, gradients):
             # this sum nor autograd's (the weight is tied to wte) walks a transposed matrix
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
         for start in range(0, h.size(0), chunk_size):
-            hc, tc = h[start:start + chunk_size].to(dtype), targets[start:start + chunk_size, None]
-            probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
-            loss -= probs.gather(1, tc).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
-            if gradients:
-                # d(loss sum)/d(logits) = softmax - one_hot
-                grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=h.device)).to(dtype)
-                grad_h[start:start + chunk_size] = grad @ w
-                grad_w += chunk_weight_gradient(grad, hc)
+            rows = slice(start, start + chunk_size)
+            loss += chunk_cross_entropy(h[rows].to(dtype), w, targets[rows, None],
+                                        grad_h[rows] if gradients else None, grad_w)
     return loss, grad_h, grad_w
+
+
+def chunk_cross_entropy(hc, w, tc, grad_hc, grad_w):
+    """Return the summed cross-entropy of one chunk's logits hc @ w.T against tc. With gradients,
+    write the chunk's gradient with respect to hc into grad_hc and add the one with respect to w
+    to grad_w. The chunk's logits and probabilities, the largest buffers of a training step, are
+    freed as soon as they are used, and all of them before the next chunk's are made."""
+    probs = torch.softmax(hc @ w.t(), dim=1, dtype=torch.float32)
+    loss = -probs.gather(1, tc).clamp_min(torch.finfo(torch.float32).tiny).log().sum()
+    if grad_hc is not None:
+        # d(loss sum)/d(logits) = softmax - one_hot: in place, then in the matmuls' precision
+        grad = probs.scatter_add_(1, tc, torch.full(tc.shape, -1.0, device=hc.device)).to(hc.dtype)
+        del probs  # the float32 probabilities go before the products are made
+        torch.mm(grad, w, out=grad_hc)
+        grad_w += chunk_weight_gradient(grad, hc)
+    return loss
 
 
 def chunk_weight_gradient(grad, hc):

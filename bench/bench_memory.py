@@ -1,148 +1,283 @@
-"""Memory per rank, DDP against FSDP: GPT-2 124M trained by train.py's own step on 2 CPU ranks (gloo).
+"""Memory per rank on CPU ranks: what FSDP saves over DDP, what activation checkpointing saves, and
+which GPT-2 shape fits a given memory.
 
-    uv run python -m bench.bench_memory [--repeats 2] [--steps 3] [--config 124M]
+    uv run python -m bench.bench_memory                                # 124M on 2 CPU ranks, about 3 minutes
+    uv run python -m bench.bench_memory --memory-gib 80 --ranks 8      # the same, then what fits 8 x 80 GiB
+    uv run python -m bench.bench_memory --large                        # gpt2-large under FSDP (about 13 minutes)
 
-Each repeat launches the two sides one after the other (in the opposite order every other repeat),
-each as 2 fresh processes under torchrun, so that every peak RSS is that side's alone. A rank
-builds the model as train.py does (train.parallelize, configure_optimizers), makes `--steps`
-updates of BATCH_SIZE x SEQ_LENGTH random tokens, and reports:
-- its persistent training state: the bytes of its local parameters, gradients and AdamW state
-  (under FSDP its shards), with DDP's gradient buckets on a line of their own;
-- its peak resident memory (VmHWM), which also counts activations, all-gathered weights, the
-  allocator's kept memory and PyTorch itself;
-- the median time of its updates after the first.
+1. Ranks: train.py itself under torchrun on 2 CPU ranks (gloo), GPT-2 124M, float32, BATCH_SIZE=1
+   SEQ_LENGTH=64 TOTAL_BATCH_SIZE=256 (2 micro-batches an update), 3 updates, validation before the
+   first and after the last, and its checkpoint: DDP, FSDP, and FSDP with ACTIVATION_CHECKPOINTING=1,
+   taking turns; and once a 1-layer, 64-wide model under FSDP, for what PyTorch and gloo cost alone.
+   Each worker's peak RSS (its VmHWM, read every 50 ms) and the median time of the updates after
+   the first. The persistent state is computed: 4 bytes a parameter each for the weights, the
+   gradients and AdamW's two moments (under FSDP over the ranks), and DDP's gradient buckets.
+2. Activations: a forward and backward pass of 124M at BATCH_SIZE=8 SEQ_LENGTH=1024 in one process
+   (DTYPE auto), with and without activation checkpointing, taking turns. From glibc's own count of
+   what it has handed out (mallinfo2; RSS keeps freed memory and would overstate it), above its
+   level before the pass, with the gradients already there: what the forward pass holds for the
+   backward one (the activations), and the most held at any moment of both (read every
+   millisecond: the activations, the recomputed block and the loss's chunk buffers); and the time.
+3. What fits under FSDP, per rank: PyTorch's own (the 1-layer run), 16 bytes a parameter over the
+   ranks, and what every rank gathers whole, the tied embedding with its gradients, at the bytes
+   per embedding parameter the 124M run measured. From those, each GPT-2 shape's peak at --ranks
+   ranks, and the largest that fits --memory-gib (with the activations of a 1 x 64 micro-batch:
+   part 2 says what larger batches add).
+--large trains gpt2-large's shape (774M) as part 1 does, under FSDP with HELLASWAG_LIMIT=-1: 3
+updates and a checkpoint, then RESUME=1 for 2 more; the two workers' peaks must sum to at most
+16 GiB in each run. It needs 18 GiB of available memory and 20 GB of disk.
 """
 
-import argparse
-import json
+import ctypes
+import functools
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
 
 from bench import report
+from bench.processes import descendants, status_bytes
 from env import ArgumentParser, UserError, cli
 
-CONFIGS = {"124M": dict(n_layer=12, n_head=12, n_embd=768), "small": dict(n_layer=6, n_head=6, n_embd=384)}
-SIDES = ("ddp", "fsdp")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GiB, MiB = 2**30, 2**20
+SHAPES = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280), "1558M": (48, 25, 1600)}
+# the issue's set-up: 2 micro-batches of 1 x 64 tokens an update on each of 2 ranks
+RUN = dict(DEVICE="cpu", DTYPE="float32", COMPILE="0", BATCH_SIZE="1", SEQ_LENGTH="64", TOTAL_BATCH_SIZE="256",
+           MAX_STEPS="3", WARMUP_STEPS="10", VAL_STEPS="2", EVAL_INTERVAL="1000", SAMPLE_INTERVAL="1000",
+           CHECKPOINT_INTERVAL="1000", HELLASWAG_LIMIT="-1", OMP_NUM_THREADS="1")
+SIDES = {"DDP": dict(PARALLEL="ddp"), "FSDP": dict(PARALLEL="fsdp"),
+         "FSDP + AC": dict(PARALLEL="fsdp", ACTIVATION_CHECKPOINTING="1")}
+TORCH_ALONE = dict(PARALLEL="fsdp", N_LAYER="1", N_HEAD="1", N_EMBD="64", BLOCK_SIZE="64", MAX_STEPS="1")
+LARGE = dict(PARALLEL="fsdp", N_LAYER="36", N_HEAD="20", N_EMBD="1280")
 
 
-def local_bytes(tensors):
-    """Return the bytes these tensors hold on this rank (a DTensor: its local shard)."""
-    from torch.distributed.tensor import DTensor
-
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-    return sum(t.numel() * t.element_size() for t in local)
-
-
-def peak_rss():
-    """Return this process's peak resident memory in bytes (VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def worker(args):
-    """One rank of one side: train, measure, write its figures as JSON into args.out."""
-    import device
-    import shards
-    import train
+def parameters(n_layer, n_head, n_embd):
+    """Count a GPT-2 shape's parameters (built on the meta device: no memory, no time)."""
     from model import GPT, GPTConfig
 
-    runtime = device.setup("cpu", "float32")
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd))
+    return sum(p.numel() for p in model.parameters()), model.transformer.wte.weight.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. train.py under torchrun, watched from outside
+
+def train(settings, dataset, log_dir, ranks=2):
+    """Run train.py under torchrun with `settings`; return each worker's peak RSS (bytes) and the
+    median seconds of the updates after the first."""
+    from settings import TORCHRUN, names
+
+    env = {name: value for name, value in os.environ.items() if name not in names() | TORCHRUN}
+    env.update(RUN, DATASET_PATH=dataset, LOG_DIR=log_dir, **settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "train.py"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    peaks = {}
+    errors = []
+    reader = threading.Thread(target=lambda: errors.extend(process.stderr))
+    reader.start()
+    while process.poll() is None:  # VmHWM only grows: the last reading is the worker's peak
+        for pid in descendants(process.pid):
+            peaks[pid] = max(peaks.get(pid, 0), status_bytes(pid, "VmHWM") or 0)
+        time.sleep(0.05)
+    reader.join()
+    if process.returncode != 0:
+        why = next((line for line in reversed(errors) if line.startswith("Error:")), errors[-1] if errors else "")
+        raise UserError(f"train.py failed ({' '.join(f'{k}={v}' for k, v in settings.items())}): {why.strip()}")
+    import metrics
+
+    times = metrics.read(os.path.join(log_dir, "metrics.csv"))["dt_ms"].tolist()[1:]
+    return sorted(peaks.values(), reverse=True)[:ranks], statistics.median(times) / 1000 if times else None
+
+
+def ranks_part(args, dataset, folder):
+    """Part 1: every side `args.repeats` times, taking turns; returns {side: {"peaks": [...], "step_s": [...]}}."""
+    runs = {side: {"peaks": [], "step_s": []} for side in SIDES}
+    order = list(SIDES)
+    for repeat in range(args.repeats):
+        for side in order if repeat % 2 == 0 else order[::-1]:
+            log_dir = os.path.join(folder, f"{side}_{repeat}".replace(" ", "").replace("+", "_"))
+            peaks, step_s = train(SIDES[side], dataset, log_dir)
+            runs[side]["peaks"] += peaks
+            runs[side]["step_s"].append(step_s)
+            print(f"  repeat {repeat + 1}: {side} done", flush=True)
+    alone, _ = train(TORCH_ALONE, dataset, os.path.join(folder, "alone"))
+    runs["alone"] = {"peaks": alone}
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. activation memory, from glibc's own count of what it has handed out
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
+def mallinfo2():
+    function = ctypes.CDLL("libc.so.6").mallinfo2
+    function.restype = MallInfo2
+    return function
+
+
+def heap_in_use():
+    """Return the bytes glibc's allocator has handed out and not had back: in its heaps and in
+    mappings of their own."""
+    info = mallinfo2()()
+    return info.uordblks + info.hblkhd
+
+
+def forward_backward(model, runtime, x, y):
+    """Run one forward and backward pass into gradients that already exist (zeroed, so that their
+    memory is counted before the start). Return (what the allocator holds for the backward pass
+    once the loss is computed, the most it held at any moment of both passes, seconds), in bytes
+    above its level before; the peak is read every millisecond."""
+    for p in model.parameters():
+        p.grad.zero_()
+    before, peak, done = heap_in_use(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], heap_in_use())
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    start = time.perf_counter()
+    with runtime.autocast():
+        _, loss = model(x, y, return_logits=False)
+    held = heap_in_use() - before
+    loss.backward()
+    seconds = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    return held, max(peak[0], heap_in_use()) - before, seconds
+
+
+def activations_part(args, dataset):
+    """Part 2: {"without": [(held, peak, s), ...], "with": [...]}, the two taking turns after one
+    pass that warms the allocator up."""
+    import device
+    import shards
+    from model import GPT, GPTConfig
+
+    runtime = device.setup("cpu", "auto")
     torch.manual_seed(0)
-    raw = GPT(GPTConfig(vocab_size=50304, block_size=1024, **CONFIGS[args.config]))
-    model = train.parallelize(raw, runtime, args.parallel, use_compile=False)
-    optimizers = raw.configure_optimizers(0.1, 6e-4, "cpu", verbose=False)
-    scaler = train.grad_scaler(runtime)
-    loader = shards.TokenLoader(args.dataset, "train", args.batch_size, args.seq_length, runtime.rank,
-                                runtime.world_size, verbose=False)
-    times = []
-    for _ in range(args.steps):
+    model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    x, y = shards.TokenLoader(dataset, "train", args.batch_size, args.seq_length, verbose=False).next_batch()
+    forward_backward(model, runtime, x, y)
+    results = {"without": [], "with": []}
+    for repeat in range(args.repeats):
+        for side in ("without", "with") if repeat % 2 == 0 else ("with", "without"):
+            model.checkpoint_activations(side == "with")
+            results[side].append(forward_backward(model, runtime, x, y))
+    return results, runtime.dtype_name
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. what fits
+
+def fits_part(runs, memory_gib, ranks):
+    """Part 3: per shape, the predicted FSDP peak per rank at `ranks` ranks; and the constants."""
+    params_124m, embedding_124m = parameters(*SHAPES["124M"])
+    alone = statistics.median(runs["alone"]["peaks"])
+    fsdp = statistics.median(runs["FSDP"]["peaks"])
+    per_embedding = (fsdp - alone - 16 * params_124m / 2) / embedding_124m  # the 124M run had 2 ranks
+    rows, predicted = [], {}
+    for name, shape in SHAPES.items():
+        count, embedding = parameters(*shape)
+        peak = alone + 16 * count / ranks + per_embedding * embedding
+        predicted[name] = peak
+        rows.append([name, f"{count / 1e6:,.0f}M", f"{peak / GiB:,.2f}", "yes" if peak <= memory_gib * GiB else "no"])
+    largest = next((name for name in reversed(SHAPES) if predicted[name] <= memory_gib * GiB), None)
+    return rows, {"torch_alone": alone, "bytes_per_embedding_parameter": per_embedding, "predicted": predicted,
+                  "largest": largest}
+
+
+def large_part(dataset, folder):
+    """--large: gpt2-large's shape, 3 updates and a checkpoint, then 2 more resumed."""
+    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    if available < 18 * GiB:
+        raise UserError(f"--large needs 18 GiB of available memory, this machine has {available / GiB:.1f} GiB")
+    log_dir = os.path.join(folder, "large")
+    runs = {}
+    for name, settings in (("3 updates, checkpoint", dict(LARGE, MAX_STEPS="3")),
+                           ("RESUME=1, 2 more", dict(LARGE, MAX_STEPS="5", RESUME="1"))):
         start = time.perf_counter()
-        train.train_step(model, optimizers, scaler, loader, runtime, 1, 6e-4)
-        times.append(time.perf_counter() - start)
-    parameters = list(raw.parameters())
-    state = [t for optimizer in optimizers for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    figures = {"parameters": local_bytes(parameters), "gradients": local_bytes(p.grad for p in parameters),
-               "optimizer": local_bytes(state), "peak_rss": peak_rss(), "step_s": statistics.median(times[1:])}
-    if args.parallel == "ddp":  # DDP keeps a flat bucket per group of gradients, as large as they are
-        figures["ddp_buckets"] = local_bytes(p for p in parameters if p.requires_grad)
-    with open(os.path.join(args.out, f"{args.parallel}_{runtime.rank}.json"), "w") as f:
-        json.dump(figures, f)
-    device.teardown()
-
-
-def launch(side, args, dataset, out):
-    """Run one side on 2 fresh processes; return each rank's figures."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "bench.bench_memory", "--worker", "--parallel", side, "--dataset", dataset, "--out", out,
-               "--steps", str(args.steps), "--config", args.config, "--batch-size", str(args.batch_size),
-               "--seq-length", str(args.seq_length)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // 2))}
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise UserError(f"the {side} side failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
-    ranks = []
-    for rank in range(2):
-        with open(os.path.join(out, f"{side}_{rank}.json")) as f:
-            ranks.append(json.load(f))
-    return ranks
+        peaks, step_s = train(settings, dataset, log_dir)
+        runs[name] = {"peaks": peaks, "sum": sum(peaks), "step_s": step_s, "seconds": time.perf_counter() - start}
+        print(f"  {name} done", flush=True)
+    return runs
 
 
 @cli
 def main():
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=report.positive_int, default=2)
-    parser.add_argument("--steps", type=report.positive_int, default=3, help="updates per side (the first untimed)")
-    parser.add_argument("--config", choices=CONFIGS, default="124M")
-    parser.add_argument("--batch-size", type=report.positive_int, default=1)
-    parser.add_argument("--seq-length", type=report.positive_int, default=256)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--parallel", choices=SIDES, help=argparse.SUPPRESS)
-    parser.add_argument("--dataset", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=report.positive_int, default=1, help="runs of each side (2 ranks each)")
+    parser.add_argument("--memory-gib", type=float, default=24.0, help="memory per rank, for what fits")
+    parser.add_argument("--ranks", type=report.positive_int, default=2, help="ranks, for what fits")
+    parser.add_argument("--batch-size", type=report.positive_int, default=8, help="activations: sequences")
+    parser.add_argument("--seq-length", type=report.positive_int, default=1024, help="activations: tokens each")
+    parser.add_argument("--large", action="store_true", help="gpt2-large's shape under FSDP instead (about 13 min)")
     args = parser.parse_args()
-    if args.worker:
-        return worker(args)
-    if args.steps < 2:
-        raise UserError("--steps must be at least 2: the first update is not timed")
     from bench.bench_train import random_token_dataset
 
     started = time.perf_counter()
-    runs = {side: [] for side in SIDES}
-    with tempfile.TemporaryDirectory() as dataset, tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as dataset, tempfile.TemporaryDirectory() as folder:
         random_token_dataset(dataset)
-        for repeat in range(args.repeats):
-            for side in SIDES if repeat % 2 == 0 else SIDES[::-1]:
-                runs[side] += launch(side, args, dataset, out)  # both ranks: each a measurement
-                print(f"  repeat {repeat + 1}: {side} done", flush=True)
+        if args.large:
+            runs = large_part(dataset, folder)
+            print("gpt2-large's shape (774M), PARALLEL=fsdp on 2 CPU ranks, float32, batch 1 x 64, 2 micro-batches:")
+            report.table(["run", "rank peaks (GiB)", "sum (GiB)", "within 16 GiB", "update (s)", "run (s)"],
+                         [[name, " + ".join(f"{p / GiB:.2f}" for p in run["peaks"]), f"{run['sum'] / GiB:.2f}",
+                           "yes" if run["sum"] <= 16 * GiB else "NO", f"{run['step_s']:.1f}", f"{run['seconds']:.0f}"]
+                          for name, run in runs.items()])
+            report.save("memory_large", runs, {**vars(args), "settings": {**RUN, **LARGE}}, "cpu")
+            return
+        runs = ranks_part(args, dataset, folder)
+        activations, dtype = activations_part(args, dataset)
+    params, _ = parameters(*SHAPES["124M"])
+    persistent = {"DDP": 20 * params, "FSDP": 16 * params / 2, "FSDP + AC": 16 * params / 2}
+    ddp_peak = statistics.median(runs["DDP"]["peaks"])
+    rows = []
+    for side in SIDES:
+        peaks, steps = report.spread(runs[side]["peaks"]), report.spread(runs[side]["step_s"])
+        rows.append([side, f"{persistent[side] / MiB:,.0f}", f"{peaks['min'] / MiB:,.0f} / {peaks['median'] / MiB:,.0f} / "
+                     f"{peaks['max'] / MiB:,.0f}", f"{peaks['median'] / ddp_peak:.2f}x", f"{steps['median']:.2f}"])
+    print(f"\n1. GPT-2 124M, 2 CPU ranks (gloo), float32, train.py with batch 1 x 64 and 2 micro-batches an update, "
+          f"per rank ({args.repeats} repeat(s) x 2 ranks); PyTorch and gloo alone: "
+          f"{statistics.median(runs['alone']['peaks']) / MiB:,.0f} MiB")
+    report.table(["side", "persistent state (MiB)", "peak RSS min / median / max (MiB)", "peak / DDP's",
+                  "update (s, median)"], rows)
 
-    def column(side, key):
-        return report.spread([rank[key] for rank in runs[side]])
+    def median(side, index):
+        return statistics.median(measured[index] for measured in activations[side])
 
-    for rank in runs["ddp"] + runs["fsdp"]:
-        rank["persistent"] = rank["parameters"] + rank["gradients"] + rank["optimizer"]
-    mib = 2**20
-    rows, figures = [], {}
-    for key, label in (("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "AdamW state"),
-                       ("persistent", "persistent state"), ("ddp_buckets", "DDP gradient buckets"),
-                       ("peak_rss", "peak RSS"), ("step_s", "step time (s)")):
-        values = {side: column(side, key) for side in SIDES if key in runs[side][0]}
-        figures[key] = values
-        scale = 1 if key == "step_s" else mib
-        cells = [f"{values[side]['median'] / scale:,.2f}" if side in values else "-" for side in SIDES]
-        ratio = values["fsdp"]["median"] / values["ddp"]["median"] if len(values) == 2 else None
-        rows.append([label + ("" if key == "step_s" else " (MiB)"), *cells, f"{ratio:.2f}x" if ratio else ""])
-    print(f"{args.config}, 2 CPU ranks (gloo), float32, batch {args.batch_size}x{args.seq_length}, "
-          f"median over {args.repeats} repeats x 2 ranks, per rank:")
-    report.table(["per rank", "DDP", "FSDP", "FSDP / DDP"], rows)
-    config = {**{k: v for k, v in vars(args).items() if k not in ("worker", "parallel", "dataset", "out")},
-              "seconds": round(time.perf_counter() - started, 1)}
-    report.save("memory", figures, config, "cpu")
+    print(f"\n2. Activations: one forward and backward pass of 124M, batch {args.batch_size} x {args.seq_length}, "
+          f"{dtype}, one process, median of {args.repeats}: what the allocator holds above the step's start")
+    rows = [[name, f"{median(side, 0) / MiB:,.0f}", f"{median(side, 1) / MiB:,.0f}", f"{median(side, 2):.1f}"]
+            for name, side in (("off", "without"), ("on", "with"))]
+    rows.append(["on / off", *(f"{median('with', i) / median('without', i):.2f}x" for i in range(3))])
+    report.table(["activation checkpointing", "held for backward (MiB)", "peak of both passes (MiB)", "time (s)"], rows)
+
+    fit_rows, fits = fits_part(runs, args.memory_gib, args.ranks)
+    print(f"\n3. Under FSDP on {args.ranks} ranks of {args.memory_gib:g} GiB each (batch 1 x 64; "
+          f"{fits['bytes_per_embedding_parameter']:.1f} bytes per embedding parameter gathered): largest that fits: "
+          f"{fits['largest'] or 'none'}")
+    report.table(["GPT-2", "parameters", "predicted peak per rank (GiB)", "fits"], fit_rows)
+    config = {**vars(args), "settings": RUN, "seconds": round(time.perf_counter() - started, 1)}
+    report.save("memory", {"ranks": runs, "activations": activations, "fits": fits},
+                config, "cpu")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from typing import Callable
 
 import demo_corpus
 import settings
+from bench.processes import descendants
 from documents import qa_document
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,22 +365,6 @@ def environment(variables):
 def collect(pipe, stream, lines, start):
     for text in pipe:
         lines.append((time.perf_counter() - start, stream, text.rstrip("\n")))
-
-
-def descendants(pid):
-    """The processes `pid` started, and the ones they started, from Linux's /proc: torchrun starts its
-    workers in sessions of their own, which no signal to its process group reaches."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):  # a process that ended meanwhile
-            stat = Path("/proc", entry, "stat").read_text()
-            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, unvisited = [], [pid]
-    while unvisited:
-        started = children.get(unvisited.pop(), [])
-        found += started
-        unvisited += started
-    return found
 
 
 def run(job, timeout_s):

@@ -197,13 +197,18 @@ def test_a_metrics_row_that_cannot_be_written_is_cut_off(token_dataset, tmp_path
 
 # ---- the compiled path -------------------------------------------------------------------------
 
-def test_compiled_training_evaluates_samples_saves_and_resumes(token_dataset, tmp_path, monkeypatch, capsys):
-    settings = dict(COMPILE=1, MAX_STEPS=4, EVAL_INTERVAL=2, SAMPLE_INTERVAL=2, CHECKPOINT_INTERVAL=2)
+def test_compiled_training_evaluates_samples_saves_and_resumes_with_activation_checkpointing(token_dataset, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """The compiled path end to end; resumed with ACTIVATION_CHECKPOINTING=1, which neither changes the
+    checkpoint's names nor, over 8 updates, the losses."""
+    settings = dict(COMPILE=1, MAX_STEPS=10, EVAL_INTERVAL=5, SAMPLE_INTERVAL=5, CHECKPOINT_INTERVAL=2)
     run_train(monkeypatch, token_dataset, tmp_path / "whole", **settings)
     out = capsys.readouterr().out
     assert "  COMPILE: 1 (using on)" in out and out.count("validation loss") == 3 and "rank 0 sample 0:" in out
-    run_train(monkeypatch, token_dataset, tmp_path / "resumed", **settings,
+    run_train(monkeypatch, token_dataset, tmp_path / "resumed", **settings, ACTIVATION_CHECKPOINTING=1,
               RESUME=tmp_path / "whole" / "model_00001.pt")
     for (step, loss, norm), (step_whole, loss_whole, norm_whole) in zip(losses(tmp_path / "resumed"),
                                                                         losses(tmp_path / "whole", first=2), strict=True):
         assert step == step_whole and loss == pytest.approx(loss_whole, abs=1e-6) and norm == pytest.approx(norm_whole, abs=1e-6)
+    assert final_weights(tmp_path / "resumed" / "model_00009.pt").keys() == final_weights(
+        tmp_path / "whole" / "model_00009.pt").keys()

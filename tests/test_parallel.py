@@ -188,3 +188,54 @@ def test_force_deletes_sharded_checkpoints_and_a_trailing_slash_resumes_in_place
     assert f"FORCE=1: deleting {tmp_path / 'model_00002.dcp'}" in out and "continuing at step 2" in out
     run_train(monkeypatch, token_dataset, tmp_path, MAX_STEPS=2, CHECKPOINT_INTERVAL=1, FORCE=1)  # a fresh run
     assert sorted(os.listdir(tmp_path)) == ["metrics.csv", "model_00000.pt", "model_00001.pt"]
+
+
+# ---- activation checkpointing and sharded resuming -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpointed_runs(runs, token_dataset, hellaswag_rows):
+    """The runs of `runs` again with ACTIVATION_CHECKPOINTING=1. The FSDP one scores 1 HellaSwag row:
+    rank 1 has none, and must still make rank 0's forward passes with it."""
+    root = runs["root"]
+    torchrun(token_dataset, root / "fsdp_ac", PARALLEL="fsdp", ACTIVATION_CHECKPOINTING=1, HELLASWAG_PATH=hellaswag_rows,
+             HELLASWAG_LIMIT=1)
+    torchrun(token_dataset, root / "ddp_ac", PARALLEL="ddp", ACTIVATION_CHECKPOINTING=1, HELLASWAG_PATH=hellaswag_rows)
+    return {"fsdp": root / "fsdp_ac", "ddp": root / "ddp_ac"}
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_activation_checkpointing_makes_the_same_updates_on_two_ranks(runs, checkpointed_runs, parallel):
+    assert_close(losses(checkpointed_runs[parallel]), losses(runs[parallel]), tolerance=1e-6)
+    with_ac, without = evaluations(checkpointed_runs[parallel]), evaluations(runs[parallel])
+    assert [(step, loss) for step, loss, _ in with_ac] == [(step, loss) for step, loss, _ in without]
+    assert all(accuracy != "" for _, _, accuracy in with_ac)  # HellaSwag ran, however few its rows
+
+
+def test_activation_checkpointing_in_one_process_and_interchangeable_checkpoints(token_dataset, tmp_path, monkeypatch):
+    settings = dict(MAX_STEPS=10, DROPOUT="0.1", CHECKPOINT_INTERVAL=5)  # dropout: recomputed with the same masks
+    run_train(monkeypatch, token_dataset, tmp_path / "plain", **settings)
+    run_train(monkeypatch, token_dataset, tmp_path / "ac", **settings, ACTIVATION_CHECKPOINTING=1)
+    assert_close(losses(tmp_path / "ac"), losses(tmp_path / "plain"), tolerance=1e-6)
+    # a checkpoint of either continues under the other
+    run_train(monkeypatch, token_dataset, tmp_path / "mixed", **settings, RESUME=tmp_path / "ac" / "model_00004.pt")
+    assert_close(losses(tmp_path / "mixed"), losses(tmp_path / "plain", first=5), tolerance=1e-6)
+
+
+def test_a_sharded_resume_reads_only_each_ranks_part(token_dataset, tmp_path, monkeypatch):
+    """Resuming under FSDP builds no whole model and reads no whole training state: a .pt file is
+    mapped, not read, a .dcp's tensors are left to DCP; the updates are those of the run resumed."""
+    settings = dict(MAX_STEPS=6, CHECKPOINT_INTERVAL=3)
+    run_train(monkeypatch, token_dataset, tmp_path / "whole", **settings)
+    run_train(monkeypatch, token_dataset, tmp_path / "sharded", **settings, PARALLEL="fsdp")
+    mapped, dcp_reads = [], []
+    torch_load, load_sharded = torch.load, checkpoint.load_sharded
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: mapped.append(k.get("mmap")) or torch_load(*a, **k))
+    monkeypatch.setattr(checkpoint, "load_sharded",
+                        lambda path, *a, **k: dcp_reads.append(k.get("read_tensors")) or load_sharded(path, *a, **k))
+    monkeypatch.setattr(checkpoint, "build_model", lambda *a, **k: pytest.fail("a whole model was built"))
+    for source, expected in (("whole", "whole"), ("sharded", "sharded")):
+        log_dir = tmp_path / f"from_{source}"
+        checkpoint_file = checkpoint.latest_checkpoint(str(tmp_path / source)).replace("00005", "00002")
+        run_train(monkeypatch, token_dataset, log_dir, **settings, PARALLEL="fsdp", RESUME=checkpoint_file)
+        assert_close(losses(log_dir), losses(tmp_path / expected, first=3), tolerance=1e-6)
+    assert mapped[0] is True and dcp_reads == [False]  # the .pt mapped; the .dcp's train_state.pt alone read whole
