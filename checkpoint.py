@@ -220,7 +220,7 @@ def load(path, with_optimizer=True, lazily=False):
         state = load_sharded(path, with_optimizer, read_tensors=not lazily)
     else:
         state = torch_load(path, mmap=lazily)
-    if not isinstance(state, dict) or "config" not in state or not ("model" in state or is_sharded(path)):
+    if not isinstance(state, dict) or "config" not in state or not ("model" in state or lazily and is_sharded(path)):
         raise UserError(f"{path} is not a checkpoint written by train.py (no 'model' and 'config' entries)")
     return state
 
@@ -260,21 +260,20 @@ def load_sharded(path, with_optimizer, read_tensors=True):
     if not is_sharded(path):
         raise UserError(f"{path} is not a checkpoint (a folder without DCP's .metadata: an unfinished save?)")
     reader = safe_reader(path)
-    tensors = {key: torch.empty(item.size, dtype=item.properties.dtype)
-               for key, item in reader.read_metadata().state_dict_metadata.items()
-               if read_tensors and (key.startswith("model.") or with_optimizer)}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DCP's note that it loads in one process: that is the intent
-            if read_tensors:
-                dcp.load(tensors, storage_reader=reader, no_dist=True)
-    except Exception as error:  # a missing or truncated shard file
-        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason(error)})") from None
+    metadata = reader.read_metadata().state_dict_metadata
     state = torch_load(os.path.join(path, TRAIN_STATE))
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a checkpoint written by train.py (its {TRAIN_STATE} is no dictionary)")
     if not read_tensors:
         return state
+    tensors = {key: torch.empty(item.size, dtype=item.properties.dtype) for key, item in metadata.items()
+               if key.startswith("model.") or with_optimizer}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP's note that it loads in one process: that is the intent
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
+    except Exception as error:  # a missing or truncated shard file
+        raise UserError(f"{path} is not a readable checkpoint (corrupt or truncated: {reason(error)})") from None
     state["model"] = {key[len("model."):]: value for key, value in tensors.items() if key.startswith("model.")}
     if with_optimizer and isinstance(state.get("optimizer"), dict):
         per_parameter = {}
@@ -488,14 +487,16 @@ def shard_like_parameters(optimizer_state, optimizer):
         return optimizer_state
     from torch.distributed.tensor import DTensor
 
-    sharded = {}
-    for index, per_parameter in optimizer_state["state"].items():
-        p = parameters[index]
-        sharded[index] = {key: DTensor.from_local(local_rows(value, p).to(p.device, copy=True), p.device_mesh,
-                                                  p.placements, shape=p.shape, stride=p.stride())
-                          if isinstance(p, DTensor) and type(value) is torch.Tensor and value.shape == p.shape
-                          else value
-                          for key, value in per_parameter.items()}
+    def cut(value, p):
+        if type(value) is not torch.Tensor:  # a DTensor a .dcp filled in already, or a number
+            return value
+        if isinstance(p, DTensor) and value.shape == p.shape:  # exp_avg, exp_avg_sq
+            rows = local_rows(value, p).to(p.device, copy=True)
+            return DTensor.from_local(rows, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        return value.clone()  # step: a copy, so that nothing keeps a mapped file open
+
+    sharded = {index: {key: cut(value, parameters[index]) for key, value in per_parameter.items()}
+               for index, per_parameter in optimizer_state["state"].items()}
     return {**optimizer_state, "state": sharded}
 
 
@@ -515,11 +516,14 @@ def load_into_shards(state, path, model, optimizers):
     optimizer's the same way); a .dcp's weights and optimizer tensors through DCP, which reads each
     rank's chunks straight into its shards, resharding when the number of ranks changed. The
     optimizer's tensors are left in state, where restore_training_state takes them."""
-    with torch.no_grad():
-        if "model" in state:
-            for name, p in model.named_parameters():
-                p.to_local().copy_(local_rows(state["model"][name], p))
-            return
+    if "model" in state:
+        try:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.to_local().copy_(local_rows(state["model"][name], p))
+        except (KeyError, RuntimeError) as error:
+            raise UserError(f"{path} does not hold a GPT model this code can load: {reason(error)}") from None
+        return
     import torch.distributed.checkpoint as dcp
 
     reader = safe_reader(path)

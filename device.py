@@ -111,7 +111,7 @@ def keep_freed_memory():
 def return_freed_memory():
     """Ask glibc to give every freed block of 1 MiB or more straight back to the OS, for FSDP.
 
-    FSDP gathers each block's weights, and frees them, twice an update: kept for reuse, those
+    FSDP gathers each block's weights, and frees them, twice a micro-batch: kept for reuse, those
     blocks of every size fragment the heap, and the process holds about twice the memory it uses
     (measured: 4.7 GB against 2.2 GB per rank, GPT-2 124M on 2 CPU ranks). The price is fresh
     pages for each large tensor, about a tenth of the step time here."""

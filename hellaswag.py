@@ -296,7 +296,8 @@ def _score_rows(model, rows, runtime, chunk):
     device = runtime.device
     ids, pos, mask, where, target, owner, count = _pack(rows, device)  # where, target, owner: (targets,)
     hidden = model.hidden(ids, pos=pos, attn_mask=mask).flatten(0, 1)  # (rows * width, n_embd)
-    # read after hidden(), which under FSDP gathers the tied weight; cast once, not on every chunk
+    # read after hidden(), which under FSDP gathers the tied weight (already in bf16 there); cast once
+    # a batch, not on every chunk
     head = model.lm_head.weight[:GPT2_VOCAB_SIZE].to(runtime.dtype)  # (vocab, n_embd)
     # the context's last position predicts all four first tokens: project each position once
     needed, slot = torch.unique_consecutive(where, return_inverse=True)  # (positions,), (targets,)
@@ -384,7 +385,8 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
     if lockstep and distributed:
         most = torch.tensor([len(batches)], device=runtime.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        encoded.setdefault(0, encode_example(examples[0], variant, block_size))  # a rank with none of its own
+        if not batches:  # a rank with no example of its own scores the first one
+            encoded[0] = encode_example(examples[0], variant, block_size)
         extra = (batches[:1] or [[[0]]]) * (int(most) - len(batches))
     with runtime.autocast():  # one autocast region: the weights are cast to low precision once
         for batch in batches:

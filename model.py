@@ -89,7 +89,7 @@ class Block(nn.Module):
         self.checkpointing = False  # activation checkpointing: GPT.checkpoint_activations
 
     def forward(self, x, attn_mask=None, cache=None):
-        if self.checkpointing and torch.is_grad_enabled():
+        if self.checkpointing and torch.is_grad_enabled() and cache is None:
             # keep only x for backward, which computes the block again (with the same dropout)
             return checkpoint(self.residual, x, attn_mask, cache, use_reentrant=False)
         return self.residual(x, attn_mask, cache)
@@ -157,7 +157,9 @@ class GPT(nn.Module):
 
         Training and validation pass return_logits=False: the logits then come back as None, and the
         same loss comes from chunked_cross_entropy at the bottom of this file."""
-        h = self.hidden(idx)
+        # GPT.hidden, not self.hidden: under FSDP the instance's hidden is wrapped to gather the
+        # weights, as forward() itself already is
+        h = GPT.hidden(self, idx)
         if targets is not None and not return_logits:
             # the same loss, faster: the (tokens x vocabulary) logits never exist in full
             return None, chunked_cross_entropy(h.view(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1))
@@ -403,7 +405,7 @@ def chunk_weight_gradient(grad, hc):
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Autograd computes the mean cross-entropy of h @ weight.T through here: the gradients are
     computed during the forward pass, while each chunk's softmax is at hand, and backward only
-    scales them."""
+    scales them, in place: it runs once (no retain_graph, no double backward)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):

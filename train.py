@@ -56,14 +56,14 @@ def main():
     choose_optimizer(cfg, state, resume_from)
     shards.shard_paths(cfg.dataset_path, "train")
     shards.shard_paths(cfg.dataset_path, "val")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    raw_model = model_to_train(cfg, env_shape, state, resume_from)
-    check_model_fits(raw_model.config, cfg)
     runtime = device.setup(cfg.device, cfg.dtype, sharded=cfg.parallel == "fsdp")
     with StopSignals(runtime) as stop:  # through the teardown too: a rank that leaves last is not killed first
         try:
-            run = set_up(cfg, runtime, raw_model, state, resume_from)
-            del state  # restored: the whole checkpoint no longer needs to stay in memory
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            raw_model, weights = model_to_train(cfg, env_shape, state, resume_from, runtime)
+            check_model_fits(raw_model.config, cfg)
+            run = set_up(cfg, runtime, raw_model, weights, state, resume_from)
+            del state, weights  # in the model now: the whole checkpoint no longer needs to stay in memory
             train(run, stop)
         finally:
             device.teardown()
@@ -90,8 +90,9 @@ class Run:
     finite_checkpoint: str | None  # the newest checkpoint with finite weights, where a diverged run continues
 
 
-def set_up(cfg, runtime, raw_model, state, resume_from):
-    """Put the model, optimizer and data on the device, continuing `state` when resuming."""
+def set_up(cfg, runtime, raw_model, weights, state, resume_from):
+    """Put the model, optimizer and data on the device, continuing `state` when resuming (under
+    FSDP, filling the shards from `weights` or the checkpoint)."""
     master = runtime.master
     resuming_in_place = claim_log_dir(cfg, state, resume_from, master)
     use_compile = runtime.compiles if cfg.compile == "auto" else cfg.compile == "1"
@@ -111,17 +112,18 @@ def set_up(cfg, runtime, raw_model, state, resume_from):
                                                    runtime.rank, runtime.world_size, verbose=master)
                                 for split in ("train", "val"))
     raw_model.checkpoint_activations(cfg.activation_checkpointing)
-    if cfg.parallel != "fsdp":  # fully_shard moves each group there itself, so that no rank holds the whole
+    if cfg.parallel != "fsdp":  # under FSDP it is on the meta device until each rank materializes its shards
         raw_model.to(runtime.device)
     model = parallelize(raw_model, runtime, cfg.parallel, use_compile)
-    sharded_resume = state is not None and cfg.parallel == "fsdp"
-    if sharded_resume:
+    if cfg.parallel == "fsdp":
         materialize(raw_model, runtime.device)
     optimizers = raw_model.configure_optimizers(cfg.weight_decay, cfg.max_lr, runtime.device_type, verbose=master,
                                                 optimizer=cfg.optimizer)
     scaler = grad_scaler(runtime)
     start_step, val_loss = 0, None
-    if sharded_resume:
+    if weights is not None:
+        hand_out(weights, raw_model)
+    if state is not None and cfg.parallel == "fsdp":
         checkpoint.load_into_shards(state, resume_from, raw_model, optimizers)
         if not weights_finite(raw_model, runtime):
             stop_every_rank(runtime, f"{resume_from} holds weights that are not finite: it was saved by a run that "
@@ -305,23 +307,43 @@ def check_same_start(start_step, runtime):
                         "see the same LOG_DIR (a shared filesystem)")
 
 
-def model_to_train(cfg, env_shape, state, path):
-    """Build the model training starts from, on the CPU: the checkpoint's when resuming, OpenAI's
-    (or a local GPT2LMHeadModel's) with INIT_FROM, else a new one shaped by the model variables.
-    Resuming under FSDP it is built on the meta device, with no storage: each rank fills in its own
-    shards once sharded (set_up)."""
-    if state is not None and cfg.parallel == "fsdp":
-        with torch.device("meta"):
-            return GPT(checkpoint.model_config(state, path, env_shape.dropout))
-    if state is not None:  # load_resume_state() has checked the shape against the environment
-        return checkpoint.build_model(state, path, dropout=env_shape.dropout)
-    if cfg.init_from != "scratch":
-        pretrained = GPT.from_pretrained(cfg.init_from)
-        check_shape(env_shape, pretrained.config.shape(), f"INIT_FROM={cfg.init_from}")
-        model = GPT(replace(pretrained.config, dropout=env_shape.dropout))  # DROPOUT applies to fine-tuning
-        model.load_state_dict(pretrained.state_dict())
-        return model
-    return GPT(env_shape)
+def model_to_train(cfg, env_shape, state, path, runtime):
+    """Return the model training starts from, on the CPU, and under FSDP the weights to fill it with:
+    the checkpoint's when resuming, OpenAI's (or a local GPT2LMHeadModel's) with INIT_FROM, else a
+    new model shaped by the model variables.
+
+    Under FSDP every rank builds it on the meta device, with no storage, and fills in only its own
+    shards once sharded (set_up): from the checkpoint, each rank reading its part, or from the whole
+    weights that rank 0 alone makes and hands out (weights: rank 0's state_dict, {} elsewhere)."""
+    if cfg.parallel != "fsdp":
+        if state is not None:  # load_resume_state() has checked the shape against the environment
+            return checkpoint.build_model(state, path, dropout=env_shape.dropout), None
+        return new_model(cfg, env_shape), None
+    if state is not None:
+        config, weights = checkpoint.model_config(state, path, env_shape.dropout), None
+    else:
+        whole = new_model(cfg, env_shape) if runtime.master else None
+        # the shape, and the random state that building the weights left (as on every rank elsewhere)
+        shared = [(whole.config, torch.get_rng_state()) if whole is not None else None]
+        if runtime.distributed:
+            dist.broadcast_object_list(shared, src=0)
+        config, rng = shared[0]
+        torch.set_rng_state(rng)
+        weights = whole.state_dict() if whole is not None else {}
+    with torch.device("meta"):
+        return GPT(config), weights
+
+
+def new_model(cfg, env_shape):
+    """Return OpenAI's GPT-2 (or a local GPT2LMHeadModel) for INIT_FROM, else a new model shaped by
+    the model variables, initialised from the random state."""
+    if cfg.init_from == "scratch":
+        return GPT(env_shape)
+    pretrained = GPT.from_pretrained(cfg.init_from)
+    check_shape(env_shape, pretrained.config.shape(), f"INIT_FROM={cfg.init_from}")
+    model = GPT(replace(pretrained.config, dropout=env_shape.dropout))  # DROPOUT applies to fine-tuning
+    model.load_state_dict(pretrained.state_dict())
+    return model
 
 
 def check_shape(env_shape, shape, source):
@@ -400,23 +422,34 @@ def materialize(model, device):
         torch.__future__.set_swap_module_params_on_conversion(swapping)
 
 
+def hand_out(weights, model):
+    """Fill a sharded model from the whole weights on rank 0: one tensor at a time, each rank keeping
+    its own rows, so that no other rank ever holds more than one whole tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
 def parallelize(raw_model, runtime, parallel, use_compile):
     """Return the model the updates run through. PARALLEL=fsdp: raw_model itself, sharded in place
     over the ranks (each block, then the root, which keeps the tied wte/lm_head weight one
     parameter), each block compiled first when COMPILE is on, as torchtitan does; hidden(), which
-    evaluation and generation call, gathers like forward(). Otherwise raw_model compiled, and under
+    evaluation and generation call, gathers like forward(). In bf16, FSDP gathers the weights in bf16
+    itself: autocast would keep a bf16 copy of every block's weights for the backward pass, undoing
+    the sharding (gradients are still reduced in float32). Otherwise raw_model compiled, and under
     torchrun DDP-wrapped: evaluation and sampling then use raw_model, so neither lives with the
     compiler's recompilations or DDP's hooks."""
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(runtime.device_type, (runtime.world_size,))
+        precision = MixedPrecisionPolicy(param_dtype=runtime.dtype, reduce_dtype=torch.float32)
         for block in raw_model.transformer.h:
             if use_compile:
                 block.compile()
-            fully_shard(block, mesh=mesh)
-        fully_shard(raw_model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=precision)
+        fully_shard(raw_model, mesh=mesh, mp_policy=precision)
         register_fsdp_forward_method(raw_model, "hidden")
         return raw_model
     model = torch.compile(raw_model) if use_compile else raw_model
@@ -524,10 +557,12 @@ def between_updates(run):
     HellaSwag and generation would recompile FSDP's compiled blocks (elsewhere the raw model is
     not compiled at all). Under FSDP the root keeps the tied embedding gathered after a forward
     pass, as training's backward wants: it is released again here."""
-    with torch.compiler.set_stance("force_eager"):
-        yield run.raw_model
-    if run.cfg.parallel == "fsdp":
-        run.raw_model.reshard()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield run.raw_model
+    finally:
+        if run.cfg.parallel == "fsdp":
+            run.raw_model.reshard()
 
 
 @torch.no_grad()
@@ -567,12 +602,13 @@ def load_hellaswag(limit, runtime):
 
 def print_samples(run, when, num_samples=4, max_new_tokens=32):
     """Rank 0 prints samples of the current weights. Every rank calls this, and all agree first that
-    the weights are finite; under FSDP every rank makes the same samples, since each forward pass
-    gathers weights from all of them."""
-    runtime = run.runtime
+    the weights are finite. Under FSDP every rank makes the same samples, since each forward pass
+    gathers weights from all of them, and all make max_new_tokens steps: none may stop early at
+    <|endoftext|> alone."""
+    runtime, sharded = run.runtime, run.cfg.parallel == "fsdp"
     if not weights_finite(run.raw_model, runtime):
         stop_diverged(run, f"{when}: the weights are not finite")
-    if not (runtime.master or run.cfg.parallel == "fsdp"):
+    if not (runtime.master or sharded):
         return
     prompt = tokenizer.encode(SAMPLE_PROMPT)
     # a generator of its own: the same sampling noise every time and on every rank, the training RNG untouched
@@ -580,13 +616,14 @@ def print_samples(run, when, num_samples=4, max_new_tokens=32):
     try:
         with between_updates(run) as model, runtime.autocast():
             rows = sampling.generate(model, prompt, max_new_tokens, top_k=50, num_samples=num_samples,
-                                     generator=generator)
+                                     generator=generator, stop_at_eot=not sharded)
     except UserError as error:  # float16 logits can overflow from finite weights: a warning, not a stop
         if runtime.master:
             print(f"Warning: no samples {when}: {error}", file=sys.stderr, flush=True)
         return
     if runtime.master:
         for i, row in enumerate(rows):
+            row = row[:row.index(tokenizer.EOT)] if tokenizer.EOT in row else row
             print(f"rank 0 sample {i}: {tokenizer.decode(prompt + row)}")
 
 

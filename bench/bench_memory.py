@@ -18,19 +18,23 @@ which GPT-2 shape fits a given memory.
    level before the pass, with the gradients already there: what the forward pass holds for the
    backward one (the activations), and the most held at any moment of both (read every
    millisecond: the activations, the recomputed block and the loss's chunk buffers); and the time.
-3. What fits under FSDP, per rank: PyTorch's own (the 1-layer run), 16 bytes a parameter over the
-   ranks, and what every rank gathers whole, the tied embedding with its gradients, at the bytes
-   per embedding parameter the 124M run measured. From those, each GPT-2 shape's peak at --ranks
-   ranks, and the largest that fits --memory-gib (with the activations of a 1 x 64 micro-batch:
-   part 2 says what larger batches add).
+3. What fits under FSDP on CPU ranks in float32, per rank: PyTorch's own (the 1-layer run), 16
+   bytes a parameter over the ranks, a block gathered whole (its weights, twice over: 8 bytes a
+   block parameter), and the tied embedding with its gradients, gathered whole on every rank, at
+   the bytes per embedding parameter the 124M run leaves. From those, each GPT-2 shape's peak at
+   --ranks ranks, and the largest that fits --memory-gib, with micro-batches of 1 x 64 (part 2 says
+   what larger ones add; GPUs add their own: bf16 weights, the loss's 8,192-token chunks, NCCL).
 --large trains gpt2-large's shape (774M) as part 1 does, under FSDP with HELLASWAG_LIMIT=-1: 3
 updates and a checkpoint, then RESUME=1 for 2 more; the two workers' peaks must sum to at most
-16 GiB in each run. It needs 18 GiB of available memory and 20 GB of disk.
+16 GiB in each run (exit status 1 otherwise). It needs 18 GiB of available memory and 20 GB of free
+disk, and stops a run that takes more than 15 minutes.
 """
 
 import ctypes
 import functools
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -69,9 +73,9 @@ def parameters(n_layer, n_head, n_embd):
 # ----------------------------------------------------------------------------------------------
 # 1. train.py under torchrun, watched from outside
 
-def train(settings, dataset, log_dir, ranks=2):
-    """Run train.py under torchrun with `settings`; return each worker's peak RSS (bytes) and the
-    median seconds of the updates after the first."""
+def train(settings, dataset, log_dir, ranks=2, seconds=None):
+    """Run train.py under torchrun with `settings` (stopped after `seconds`, if given); return each
+    worker's peak RSS (bytes) and the median seconds of the updates after the first."""
     from settings import TORCHRUN, names
 
     env = {name: value for name, value in os.environ.items() if name not in names() | TORCHRUN}
@@ -83,9 +87,16 @@ def train(settings, dataset, log_dir, ranks=2):
     errors = []
     reader = threading.Thread(target=lambda: errors.extend(process.stderr))
     reader.start()
+    deadline = time.perf_counter() + (seconds or float("inf"))
     while process.poll() is None:  # VmHWM only grows: the last reading is the worker's peak
-        for pid in descendants(process.pid):
+        workers = descendants(process.pid)
+        for pid in workers:
             peaks[pid] = max(peaks.get(pid, 0), status_bytes(pid, "VmHWM") or 0)
+        if time.perf_counter() > deadline:
+            for pid in [process.pid, *workers]:
+                os.kill(pid, signal.SIGKILL)
+            process.wait()
+            raise UserError(f"train.py took more than {seconds} s ({' '.join(f'{k}={v}' for k, v in settings.items())})")
         time.sleep(0.05)
     reader.join()
     if process.returncode != 0:
@@ -189,14 +200,18 @@ def activations_part(args, dataset):
 
 def fits_part(runs, memory_gib, ranks):
     """Part 3: per shape, the predicted FSDP peak per rank at `ranks` ranks; and the constants."""
+    def block(shape):  # the parameters of one transformer block: four matrices (12 C^2), biases, LayerNorms
+        return 12 * shape[2] ** 2 + 13 * shape[2]
+
     params_124m, embedding_124m = parameters(*SHAPES["124M"])
     alone = statistics.median(runs["alone"]["peaks"])
     fsdp = statistics.median(runs["FSDP"]["peaks"])
-    per_embedding = (fsdp - alone - 16 * params_124m / 2) / embedding_124m  # the 124M run had 2 ranks
+    # the 124M run had 2 ranks
+    per_embedding = (fsdp - alone - 16 * params_124m / 2 - 8 * block(SHAPES["124M"])) / embedding_124m
     rows, predicted = [], {}
     for name, shape in SHAPES.items():
         count, embedding = parameters(*shape)
-        peak = alone + 16 * count / ranks + per_embedding * embedding
+        peak = alone + 16 * count / ranks + 8 * block(shape) + per_embedding * embedding
         predicted[name] = peak
         rows.append([name, f"{count / 1e6:,.0f}M", f"{peak / GiB:,.2f}", "yes" if peak <= memory_gib * GiB else "no"])
     largest = next((name for name in reversed(SHAPES) if predicted[name] <= memory_gib * GiB), None)
@@ -209,12 +224,15 @@ def large_part(dataset, folder):
     available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
     if available < 18 * GiB:
         raise UserError(f"--large needs 18 GiB of available memory, this machine has {available / GiB:.1f} GiB")
+    free = shutil.disk_usage(folder).free
+    if free < 20e9:
+        raise UserError(f"--large needs 20 GB of free disk in {folder} for its checkpoint, it has {free / 1e9:.1f} GB")
     log_dir = os.path.join(folder, "large")
     runs = {}
     for name, settings in (("3 updates, checkpoint", dict(LARGE, MAX_STEPS="3")),
                            ("RESUME=1, 2 more", dict(LARGE, MAX_STEPS="5", RESUME="1"))):
         start = time.perf_counter()
-        peaks, step_s = train(settings, dataset, log_dir)
+        peaks, step_s = train(settings, dataset, log_dir, seconds=15 * 60)
         runs[name] = {"peaks": peaks, "sum": sum(peaks), "step_s": step_s, "seconds": time.perf_counter() - start}
         print(f"  {name} done", flush=True)
     return runs
@@ -243,6 +261,8 @@ def main():
                            "yes" if run["sum"] <= 16 * GiB else "NO", f"{run['step_s']:.1f}", f"{run['seconds']:.0f}"]
                           for name, run in runs.items()])
             report.save("memory_large", runs, {**vars(args), "settings": {**RUN, **LARGE}}, "cpu")
+            if any(run["sum"] > 16 * GiB for run in runs.values()):
+                raise UserError("the two workers' peaks summed to more than 16 GiB")
             return
         runs = ranks_part(args, dataset, folder)
         activations, dtype = activations_part(args, dataset)

@@ -194,12 +194,12 @@ def test_force_deletes_sharded_checkpoints_and_a_trailing_slash_resumes_in_place
 
 @pytest.fixture(scope="module")
 def checkpointed_runs(runs, token_dataset, hellaswag_rows):
-    """The runs of `runs` again with ACTIVATION_CHECKPOINTING=1. The FSDP one scores 1 HellaSwag row:
+    """The runs of `runs` again with ACTIVATION_CHECKPOINTING=1, scoring 1 HellaSwag row: under FSDP
     rank 1 has none, and must still make rank 0's forward passes with it."""
     root = runs["root"]
-    torchrun(token_dataset, root / "fsdp_ac", PARALLEL="fsdp", ACTIVATION_CHECKPOINTING=1, HELLASWAG_PATH=hellaswag_rows,
-             HELLASWAG_LIMIT=1)
-    torchrun(token_dataset, root / "ddp_ac", PARALLEL="ddp", ACTIVATION_CHECKPOINTING=1, HELLASWAG_PATH=hellaswag_rows)
+    for parallel in ("fsdp", "ddp"):
+        torchrun(token_dataset, root / f"{parallel}_ac", PARALLEL=parallel, ACTIVATION_CHECKPOINTING=1,
+                 HELLASWAG_PATH=hellaswag_rows, HELLASWAG_LIMIT=1)
     return {"fsdp": root / "fsdp_ac", "ddp": root / "ddp_ac"}
 
 
@@ -208,7 +208,11 @@ def test_activation_checkpointing_makes_the_same_updates_on_two_ranks(runs, chec
     assert_close(losses(checkpointed_runs[parallel]), losses(runs[parallel]), tolerance=1e-6)
     with_ac, without = evaluations(checkpointed_runs[parallel]), evaluations(runs[parallel])
     assert [(step, loss) for step, loss, _ in with_ac] == [(step, loss) for step, loss, _ in without]
-    assert all(accuracy != "" for _, _, accuracy in with_ac)  # HellaSwag ran, however few its rows
+
+
+def test_hellaswag_in_lockstep_with_a_rank_that_has_no_rows(checkpointed_runs):
+    fsdp, ddp = evaluations(checkpointed_runs["fsdp"]), evaluations(checkpointed_runs["ddp"])
+    assert [acc for _, _, acc in fsdp] == [acc for _, _, acc in ddp] and all(acc != "" for _, _, acc in fsdp)
 
 
 def test_activation_checkpointing_in_one_process_and_interchangeable_checkpoints(token_dataset, tmp_path, monkeypatch):
@@ -233,9 +237,47 @@ def test_a_sharded_resume_reads_only_each_ranks_part(token_dataset, tmp_path, mo
     monkeypatch.setattr(checkpoint, "load_sharded",
                         lambda path, *a, **k: dcp_reads.append(k.get("read_tensors")) or load_sharded(path, *a, **k))
     monkeypatch.setattr(checkpoint, "build_model", lambda *a, **k: pytest.fail("a whole model was built"))
-    for source, expected in (("whole", "whole"), ("sharded", "sharded")):
+    for source in ("whole", "sharded"):
         log_dir = tmp_path / f"from_{source}"
-        checkpoint_file = checkpoint.latest_checkpoint(str(tmp_path / source)).replace("00005", "00002")
-        run_train(monkeypatch, token_dataset, log_dir, **settings, PARALLEL="fsdp", RESUME=checkpoint_file)
-        assert_close(losses(log_dir), losses(tmp_path / expected, first=3), tolerance=1e-6)
+        resumed = checkpoint.checkpoint_path(tmp_path / source, 2, sharded=source == "sharded")
+        run_train(monkeypatch, token_dataset, log_dir, **settings, PARALLEL="fsdp", RESUME=resumed)
+        assert_close(losses(log_dir), losses(tmp_path / source, first=3), tolerance=1e-6)
     assert mapped[0] is True and dcp_reads == [False]  # the .pt mapped; the .dcp's train_state.pt alone read whole
+
+
+class Shard:
+    """What local_rows asks of an FSDP parameter: its mesh's size and this rank's place in it."""
+
+    def __init__(self, rank, ranks):
+        self.device_mesh = type("Mesh", (), {"size": lambda _: ranks, "get_local_rank": lambda _: rank})()
+
+
+@pytest.mark.parametrize("rows, ranks", [(10, 2), (10, 3), (2, 3), (50304, 4)])
+def test_each_rank_reads_the_rows_fsdp_gives_it(rows, ranks):
+    """FSDP cuts a parameter along its first dimension as torch.chunk does; a rank past the last
+    chunk holds none. Together the ranks' rows are the whole tensor, each row once."""
+    whole = torch.arange(rows * 3).view(rows, 3)
+    parts = [checkpoint.local_rows(whole, Shard(rank, ranks)) for rank in range(ranks)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert [len(part) for part in parts] == [len(chunk) for chunk in whole.chunk(ranks)] + [0] * (ranks - len(whole.chunk(ranks)))
+    # views, not copies: of a tensor mapped from a file, only these rows are ever read
+    assert all(part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr() for part in parts)
+
+
+def test_a_two_rank_fsdp_checkpoint_continues_under_fsdp_in_one_process(runs, token_dataset, tmp_path, monkeypatch):
+    """DCP reshards the .dcp's chunks into one process's shards."""
+    run_train(monkeypatch, token_dataset, tmp_path, **{**STEPS, "HELLASWAG_LIMIT": -1}, VAL_STEPS=4, PARALLEL="fsdp",
+              RESUME=runs["fsdp"] / "model_00009.dcp")
+    assert_close(losses(tmp_path), losses(runs["fsdp"], first=10))
+
+
+def test_fsdp_in_bfloat16_gathers_in_bfloat16_and_trains_like_one_process(token_dataset, hellaswag_rows, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Under FSDP bf16 comes from FSDP's mixed precision, not from autocast's cached copies: the
+    updates, the evaluation and the samples all run, close to one process's in bf16."""
+    settings = dict(DTYPE="bfloat16", MAX_STEPS=4, EVAL_INTERVAL=2, SAMPLE_INTERVAL=2, HELLASWAG_LIMIT=6,
+                    HELLASWAG_PATH=hellaswag_rows)
+    run_train(monkeypatch, token_dataset, tmp_path / "one", **settings)
+    run_train(monkeypatch, token_dataset, tmp_path / "fsdp", **settings, PARALLEL="fsdp")
+    assert capsys.readouterr().out.count("rank 0 sample 0:") == 4
+    assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), tolerance=3e-2)

@@ -478,14 +478,15 @@ def hf_directory(tmp_path_factory):
     return path
 
 
-def test_init_from_a_local_gpt2_directory(hf_directory, token_dataset, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # under FSDP rank 0 loads the weights and hands them out
+def test_init_from_a_local_gpt2_directory(hf_directory, token_dataset, tmp_path, monkeypatch, capsys, parallel):
     from transformers import GPT2LMHeadModel
 
     run_train(monkeypatch, token_dataset, tmp_path, INIT_FROM=hf_directory, MAX_STEPS=2, VOCAB_SIZE=None,
-              N_LAYER=None, N_HEAD=None, N_EMBD=None, BLOCK_SIZE=None, DROPOUT="0.1")
+              N_LAYER=None, N_HEAD=None, N_EMBD=None, BLOCK_SIZE=None, DROPOUT="0.1", PARALLEL=parallel)
     out = capsys.readouterr().out
     assert f"  VOCAB_SIZE: 50257 (from {hf_directory})" in out and f"fine-tuning from {hf_directory}" in out
-    state = checkpoint.load(str(tmp_path / "model_00001.pt"))
+    state = checkpoint.load(checkpoint.latest_checkpoint(str(tmp_path)))
     assert state["config"] == dict(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
     assert state["train_config"]["init_from"] == str(hf_directory)
     # the untrained step-0 validation loss is the Hugging Face model's own loss on those batches
