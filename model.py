@@ -46,14 +46,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.split(self.n_embd, dim=2)  # each (B, T, C)
         # every head attends independently: (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(self.layer, k, v)  # (B, n_head, past + T, head_dim)
-        if attn_mask is None and past > 0 and T > 1:
-            # new tokens see the whole cached prefix and, among themselves, only earlier ones
-            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        is_causal = attn_mask is None and past == 0 and T > 1
+            # (B, n_head, prefix + T, head_dim), and the mask the rows' prefixes need (None: none)
+            k, v, cache_mask = cache.append(self.layer, k, v)
+            attn_mask = cache_mask if attn_mask is None else attn_mask
+        is_causal = attn_mask is None and k.size(2) == T and T > 1  # no prefix: plain causal attention
         dropout = self.dropout if self.training else 0.0
         # (B, n_head, T, head_dim): for each token, the values it attends to, weighted
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
@@ -139,16 +136,17 @@ class GPT(nn.Module):
         and causal by default. `cache` is a KVCache that this call extends (generation).
         """
         B, T = idx.size()
-        past = cache.length if cache is not None else 0
-        if pos is None:
-            if past + T > self.config.block_size:
-                raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
-            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        if pos is None and cache is not None:
+            pos = cache.positions(T, idx.device)  # after each row's prefix
+        elif pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x, attn_mask, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None, return_logits=True):
@@ -302,25 +300,83 @@ class GPT(nn.Module):
 
 class KVCache:
     """Generation keeps the keys and values of the tokens seen so far here, so that a new token
-    attends to the prefix without recomputing it. The buffer is allocated on first use, in the dtype
-    the attention actually produces."""
+    attends to the prefix without recomputing it. Every row has a length of its own, so that a
+    server's requests (serve.py), each at its own point, decode together in one batch: a forward
+    pass extends the rows that use() picked, all of them at first. The buffer is allocated on first
+    use, in the dtype the attention actually produces."""
 
     def __init__(self, config, batch_size):
         self.config = config
         self.batch_size = batch_size
-        self.length = 0  # tokens already stored
+        self.lengths = [0] * batch_size  # tokens stored in each row
+        self.rows = range(batch_size)  # the rows the next forward pass extends, in its batch's order
         self.kv = None
+        self.mask = None  # the attention mask of the forward pass under way (None: none needed)
+
+    @property
+    def length(self):
+        """The rows' common length, where they all grow together (sampling.stream)."""
+        return self.lengths[0]
+
+    @length.setter
+    def length(self, value):
+        self.lengths = [value] * self.batch_size
+
+    def use(self, first, count):
+        """Have the next forward pass extend rows first .. first + count - 1, its batch in that order."""
+        self.rows = range(first, first + count)
+        return self
+
+    def positions(self, T, device):
+        """Return the position ids of T new tokens in each row, (T,) or (rows, T), and make the
+        forward pass's attention mask: a new token sees its row's prefix and, of the new tokens,
+        itself and the ones before. Rows of one length need none (T == 1 sees everything; an empty
+        prefix is plain causal attention) and take exactly the path single-prompt generation does."""
+        starts = [self.lengths[r] for r in self.rows]
+        if max(starts) + T > self.config.block_size:
+            raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size {self.config.block_size}")
+        if len(set(starts)) == 1:
+            start = starts[0]
+            self.mask = (torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+                         if start > 0 and T > 1 else None)
+            return torch.arange(start, start + T, dtype=torch.long, device=device)
+        pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (rows, T)
+        keys = torch.arange(max(starts) + T, device=device)
+        self.mask = (keys <= pos[:, :, None])[:, None]  # (rows, 1, T, keys): nothing past the row's own end
+        return pos
 
     def append(self, layer, k, v):
-        """Store this layer's new keys and values (B, n_head, T, head_dim), and return all of them so far."""
+        """Store this layer's new keys and values (rows, n_head, T, head_dim) after each row's prefix;
+        return the rows' keys and values so far, (rows, n_head, keys, head_dim) each, and the mask."""
         if self.kv is None:
             n_head, head_dim = k.size(1), k.size(3)
             shape = (self.config.n_layer, 2, self.batch_size, n_head, self.config.block_size, head_dim)
             self.kv = torch.empty(shape, dtype=k.dtype, device=k.device)
-        end = self.length + k.size(2)
-        self.kv[layer, 0, :, :, self.length:end] = k
-        self.kv[layer, 1, :, :, self.length:end] = v
-        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+        T, rows = k.size(2), slice(self.rows.start, self.rows.stop)
+        starts = [self.lengths[r] for r in self.rows]
+        if len(set(starts)) == 1:
+            self.kv[layer, :, rows, :, starts[0]:starts[0] + T] = torch.stack((k, v))
+        elif T == 1:  # a server's decode step: one scatter for the batch
+            at = torch.tensor(starts, device=k.device)
+            self.kv[layer, 0, rows][torch.arange(len(starts)), :, at] = k[:, :, 0]
+            self.kv[layer, 1, rows][torch.arange(len(starts)), :, at] = v[:, :, 0]
+        else:
+            for i, start in enumerate(starts):
+                self.kv[layer, :, self.rows[i], :, start:start + T] = torch.stack((k[i], v[i]))
+        end = max(starts) + T
+        return self.kv[layer, 0, rows, :, :end], self.kv[layer, 1, rows, :, :end], self.mask
+
+    def advance(self, T):
+        """Count the forward pass's T new tokens in its rows."""
+        for r in self.rows:
+            self.lengths[r] += T
+
+    def move(self, source, target):
+        """Copy row `source` into row `target` (a server closing the gap a finished request left)."""
+        end = self.lengths[source]
+        if self.kv is not None and end:
+            self.kv[:, :, target, :, :end] = self.kv[:, :, source, :, :end]
+        self.lengths[target] = end
 
 
 # ----- The training loss's speed trick ---------------------------------------------------------

@@ -140,6 +140,30 @@ def test_kv_cache_matches_full_forward():
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_rows_of_different_lengths_decode_together_as_each_alone():
+    """A server's batch: three prompts of different lengths, each filled into its own row, then
+    decoded together, one token a step, and one row moved into another's place midway: every row's
+    hidden states are those of its sequence run whole."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY)).eval()
+    sequences = [torch.randint(0, 50257, (1, length + 6)) for length in (5, 11, 8)]
+    with torch.no_grad():
+        whole = [model.hidden(seq)[0] for seq in sequences]
+        cache = KVCache(model.config, batch_size=3)
+        for row, seq in enumerate(sequences):  # each prompt alone, into its row
+            model.hidden(seq[:, :-6], cache=cache.use(row, 1))
+        for step in range(6):
+            if step == 3:  # row 0 finishes: row 2 takes its place, and the batch shrinks
+                cache.move(2, 0)
+                sequences, whole = [sequences[2], sequences[1]], [whole[2], whole[1]]
+            live = len(sequences)
+            tokens = torch.cat([seq[:, cache.lengths[row]:cache.lengths[row] + 1] for row, seq in enumerate(sequences)])
+            positions = [cache.lengths[row] for row in range(live)]
+            out = model.hidden(tokens, cache=cache.use(0, live))[:, 0]
+            for row in range(live):
+                torch.testing.assert_close(out[row], whole[row][positions[row]], atol=1e-5, rtol=0)
+
+
 def test_overfits_one_batch():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=2, n_head=2, n_embd=64))
