@@ -397,16 +397,16 @@ def model_path_from_env():
     return resolve_path(chosen, "train one with train.py, or set TESTING_MODEL_PATH")
 
 
-def load_testing_model():
-    """Load the model generate.py and prompt.py talk to, printing their progress lines: the
-    checkpoint of TESTING_MODEL_PATH (or the newest in LOG_DIR) on DEVICE, in DTYPE. Returns
-    (model, runtime)."""
+def load_testing_model(chosen=""):
+    """Load the model generate.py, prompt.py and serve.py talk to, printing their progress lines:
+    the checkpoint `chosen` (a file, or a folder's newest), else that of TESTING_MODEL_PATH (or the
+    newest in LOG_DIR), on DEVICE, in DTYPE. Returns (model, runtime, its path)."""
     runtime = setup_device(settings.shared("device"), settings.shared("dtype"))
     print(f"Using device: {runtime.device}")
-    path = model_path_from_env()
+    path = resolve_path(chosen, "train one with train.py") if chosen else model_path_from_env()
     print("Loading checkpoint...")
     model, _ = load_model(path, runtime.device, say=print, say_loaded=True)
-    return model, runtime
+    return model, runtime, path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def complete(model, text, settings, generator):
 def main():
     settings = SamplingConfig.from_env()
     print("Starting model generation demo...")
-    model, runtime = checkpoint.load_testing_model()
+    model, runtime, _ = checkpoint.load_testing_model()
     generator = make_generator(runtime.device, settings.seed)
     with runtime.autocast():  # one context: the low-precision copy of the weights is made once
         print("\nExample 1: Direct text generation")

@@ -8,7 +8,6 @@ Commands: `quit` (or end of input, or Ctrl-C), `temp X` (0.1 to 2.0), `tokens X`
 The model and the other settings come as in generate.py.
 """
 
-import codecs
 import sys
 
 import checkpoint
@@ -16,7 +15,7 @@ from documents import NEXT_QUESTION, question_prompt
 from env import cli
 from sampling import make_generator, stream
 from settings import SamplingConfig
-from tokenizer import EOT, encode, get_encoding
+from tokenizer import EOT, TextStream, encode
 
 BANNER = """
 Tiny Physics GPT Chatbot
@@ -25,36 +24,18 @@ Type 'quit' to exit
 Type 'temp X' to change temperature (0.1-2.0)
 Type 'tokens X' to change max tokens (1-1000)"""
 
-# besides at <|endoftext|>, an answer ends where the model starts asking the next question
-STOP = NEXT_QUESTION
-
-
-def _unsure_tail(text):
-    """Count the final characters of `text` that could still grow into STOP, so must wait to be shown."""
-    return next((n for n in range(len(STOP) - 1, 0, -1) if text.endswith(STOP[:n])), 0)
-
-
 def answer_pieces(token_ids):
-    """Yield the answer's text piece by piece as the tokens (ints) arrive: the bytes of a character split
-    across tokens wait for the rest of it, and the text ends before <|endoftext|> or STOP."""
-    encoding = get_encoding()
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    text, shown = "", 0
+    """Yield the answer's text piece by piece as the tokens (ints) arrive: it ends before
+    <|endoftext|>, or where the model starts asking the next question."""
+    text = TextStream(stops=[NEXT_QUESTION], lstrip=True)
     for token in token_ids:
-        if token == EOT:
-            break
-        text += decoder.decode(encoding.decode_single_token_bytes(token))
-        if shown == 0:
-            text = text.lstrip(" ")  # "Answer:" is followed by a space the reply does not need
-        if STOP in text:
-            break
-        ready = len(text) - _unsure_tail(text)
-        if ready > shown:
-            yield text[shown:ready]
-            shown = ready
-    text = (text + decoder.decode(b"", final=True)).split(STOP)[0]
-    if len(text) > shown:
-        yield text[shown:]
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    if piece := text.finish():
+        yield piece
 
 
 # the REPL's commands: the setting each changes, its type and its range
@@ -112,7 +93,7 @@ def repl(model, settings, generator):
 def main():
     settings = SamplingConfig.from_env()
     print("Loading model...")
-    model, runtime = checkpoint.load_testing_model()
+    model, runtime, _ = checkpoint.load_testing_model()
     with runtime.autocast():  # for the whole session: the low-precision copy of the weights is made once
         repl(model, settings, make_generator(runtime.device, settings.seed))
 

@@ -5,6 +5,7 @@ tiktoken normally downloads GPT-2's `encoder.json` and `vocab.bpe`; the PyPI pac
 exact `gpt2` encoding from them and never touch the network.
 """
 
+import codecs
 import functools
 import hashlib
 import importlib.util
@@ -74,3 +75,58 @@ def encode(text):
 def decode(ids):
     """Return the text of these token ids."""
     return get_encoding().decode(list(ids))
+
+
+class TextStream:
+    """The text of generated tokens, as it becomes certain, for streaming it: the UTF-8 bytes of a
+    character split across tokens wait for the rest of it, text that could still grow into one of
+    `stops` waits until it cannot, and the text ends before the first stop or <|endoftext|>
+    (`stopped` then says so). lstrip: drop the space that starts the text ("Answer:" is followed
+    by one the reply does not need)."""
+
+    def __init__(self, stops=(), lstrip=False):
+        self.stops = [stop for stop in stops if stop]
+        self.lstrip = lstrip
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text, self.shown, self.stopped = "", 0, False
+        self.hit = False  # a stop string ended the text
+
+    def push(self, token):
+        """Take the next token id; return the text it made certain ("" for none)."""
+        if self.stopped:
+            return ""
+        if token == EOT:
+            return self.finish()
+        self.text += self.decoder.decode(get_encoding().decode_single_token_bytes(token))
+        if self.lstrip and self.shown == 0:
+            self.text = self.text.lstrip(" ")
+        end = self._end()
+        return self._show(end if end is not None else len(self.text) - self._unsure_tail())
+
+    def finish(self):
+        """Return the rest of the text once no token follows (or <|endoftext|> came)."""
+        if self.stopped:
+            return ""
+        self.text += self.decoder.decode(b"", final=True)
+        end = self._end()
+        piece = self._show(end if end is not None else len(self.text))
+        self.stopped = True
+        return piece
+
+    def _end(self):
+        """Where the first stop starts, if one has come (and the text ends)."""
+        found = [at for at in (self.text.find(stop) for stop in self.stops) if at >= 0]
+        if found:
+            self.stopped = self.hit = True
+            return min(found)
+        return None
+
+    def _unsure_tail(self):
+        """Count the final characters that could still grow into a stop."""
+        return max((n for stop in self.stops for n in range(len(stop) - 1, 0, -1) if self.text.endswith(stop[:n])),
+                   default=0)
+
+    def _show(self, ready):
+        piece = self.text[self.shown:ready] if ready > self.shown else ""
+        self.shown = max(self.shown, ready)
+        return piece
