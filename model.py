@@ -351,7 +351,9 @@ class KVCache:
         if self.kv is None:
             n_head, head_dim = k.size(1), k.size(3)
             shape = (self.config.n_layer, 2, self.batch_size, n_head, self.config.block_size, head_dim)
-            self.kv = torch.empty(shape, dtype=k.dtype, device=k.device)
+            # zeros: a row shorter than the batch's longest reads slots past its end, masked out, and
+            # never-written memory could hold a nan (the mask's 0 times nan is nan)
+            self.kv = torch.zeros(shape, dtype=k.dtype, device=k.device)
         T, rows = k.size(2), slice(self.rows.start, self.rows.stop)
         starts = [self.lengths[r] for r in self.rows]
         if len(set(starts)) == 1:

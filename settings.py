@@ -130,6 +130,17 @@ class SamplingConfig:
 
 
 @dataclass
+class ServeConfig:
+    """serve.py's own setting (it loads its model as prompt.py does)."""
+
+    serve_api_key: str = ""  # when set, every /v1 request must carry "Authorization: Bearer <key>"
+
+    @classmethod
+    def from_env(cls):
+        return read(cls)
+
+
+@dataclass
 class HellaSwagFiles:
     """Where hellaswag.py finds the validation rows (train.py and evaluate.py)."""
 
@@ -157,7 +168,7 @@ class HubConfig:
         return on_off(self.hf_hub_offline) is True
 
 
-SETTINGS = (GPTConfig, TrainConfig, DataConfig, SamplingConfig, HellaSwagFiles, HubConfig)
+SETTINGS = (GPTConfig, TrainConfig, DataConfig, SamplingConfig, ServeConfig, HellaSwagFiles, HubConfig)
 
 
 def shared(name):

@@ -31,13 +31,14 @@ from settings import SamplingConfig
 from tokenizer import EOT, encode
 
 
-def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache):
+def new_tokens_per_s(model, runtime, prompt, batch, new_tokens, use_cache, options=None):
+    """Time one generation of `new_tokens` at `batch` rows (prompt.py's sampling, or `options`)."""
     generator = make_generator(runtime.device, 0)
     report.synchronize(runtime)
     start = time.perf_counter()
     with runtime.autocast():
         for _ in stream(model, prompt, new_tokens, num_samples=batch, generator=generator, use_cache=use_cache,
-                        stop_at_eot=False, **SamplingConfig().options()):
+                        stop_at_eot=False, **(options or SamplingConfig().options())):
             pass
     report.synchronize(runtime)
     return batch * new_tokens / (time.perf_counter() - start)

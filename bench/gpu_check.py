@@ -10,6 +10,7 @@ Each step runs a script in a process of its own, as a user would, on GPT-2 124M 
     evaluate  evaluate.py on the first 1,000 real HellaSwag rows: examples/s
     generate  generate.py's two answers: the seconds they take once the model is loaded
     prompt    prompt.py fed a scripted conversation, which must end with Goodbye
+    serve     serve.py under 1, 4 and 8 streaming clients (bench/bench_serve.py), beside generation
 
     bash bench/gpu_check.sh                  # on the lent GPU: every step, stopped at 4 minutes
     bash bench/gpu_check.sh train evaluate   # some steps, with the steps they need
@@ -296,6 +297,23 @@ def prompt_figures(work, output):
     return {}
 
 
+def serve_job(work):
+    """bench_serve on the trained model: serve.py on the GPU under 1, 4 and 8 streaming clients."""
+    arguments = ["--checkpoint", work.trained(), "--repeats", "1", "--new-tokens", str(work.scale.new_tokens),
+                 "--name", "gpu_check_serve"]
+    return Job([PYTHON, "-m", "bench.bench_serve", *arguments], work.variables("serve"))
+
+
+def serve_figures(work, output):
+    """Aggregate tokens/s at 8 clients, and its ratio to one client's."""
+    stdout = output.stdout()
+    rate = re.search(r"^ *serve: clients 8 +([\d.]+)", stdout, re.MULTILINE)
+    ratio = re.search(r"^8 clients / 1 client: ([\d.]+)x", stdout, re.MULTILINE)
+    if not (rate and ratio):
+        raise Failed("no table of clients in its output")
+    return {"8 clients tok/s": float(rate.group(1)), "8 / 1 client": float(ratio.group(1))}
+
+
 STEPS = [
     Step("data", data_job, data_figures, timeout_s=60),
     Step("train", train_job, train_figures, needs="data", timeout_s=180),
@@ -305,6 +323,7 @@ STEPS = [
     Step("evaluate", evaluate_job, evaluate_figures, needs="train"),
     Step("generate", generate_job, generate_figures, needs="train"),
     Step("prompt", prompt_job, prompt_figures, needs="train"),
+    Step("serve", serve_job, serve_figures, needs="train"),
 ]
 NAMES = [step.name for step in STEPS]
 

@@ -56,6 +56,7 @@ def test_dry_run_figures(dry_run):
     assert steps["evaluate"]["examples"] == gpu_check.DRY_RUN.hellaswag_rows
     assert steps["evaluate"]["examples/s"] > 0
     assert steps["generate"]["generation s"] > 0
+    assert steps["serve"]["8 clients tok/s"] > 0 and steps["serve"]["8 / 1 client"] > 0
     assert all(step["seconds"] > 0 for step in steps.values())
 
 
