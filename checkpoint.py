@@ -421,8 +421,9 @@ def optimizer_key(optimizer):
     return "muon" if isinstance(optimizer, torch.optim.Muon) else "optimizer"
 
 
-def training_state(model, optimizers, scaler, train_config, step, val_loss, loader_position, device):
-    """Return everything after update `step`, as tensors and plain Python values only (weights_only=True reads it)."""
+def training_state(model, optimizers, scaler, train_config, step, val_loss, loader_position, device, wandb_run=None):
+    """Return everything after update `step`, as tensors and plain Python values only (weights_only=True reads it);
+    with TRACKER=wandb, the W&B run ({"id", "group", "name"}) that a resume continues."""
     optimizer_states = {optimizer_key(optimizer): optimizer.state_dict() for optimizer in optimizers}
     if scaler.is_enabled():
         optimizer_states["optimizer"]["grad_scaler"] = scaler.state_dict()  # the fp16 loss scale
@@ -435,6 +436,7 @@ def training_state(model, optimizers, scaler, train_config, step, val_loss, load
         "val_loss": val_loss,
         "loader": loader_position,  # the global token position in the training stream
         "rng": rng_state(device),
+        **({"wandb_run": wandb_run} if wandb_run else {}),
     }
 
 

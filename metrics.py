@@ -47,6 +47,17 @@ def open_for_run(path, keep_through=None):
     return open(path, "ab", buffering=0)  # unbuffered: append() knows exactly what reached the file
 
 
+def last_step(path):
+    """Return the step of metrics.csv's last row, or None (no file, or no rows): what a tracker
+    was sent up to, before a resume cuts the rows past its checkpoint."""
+    try:
+        with open(path, newline="") as f:
+            steps = [row[0] for row in csv.reader(f) if row and row[0].isdigit()]
+    except OSError:
+        return None
+    return int(steps[-1]) if steps else None
+
+
 def append(f, row):
     """Append one row to metrics.csv opened by open_for_run, whole or not at all: a write that
     fails (a full disk, a quota) is cut off again, so the file ends with its last whole row."""

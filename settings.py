@@ -75,6 +75,8 @@ class TrainConfig:
     init_from: str = "scratch"
     parallel: str = "ddp"  # under torchrun: ddp (every rank a whole copy) or fsdp (every rank a shard)
     activation_checkpointing: bool = False  # keep only each block's input for backward, which recomputes the rest
+    tracker: str = "none"  # none, tensorboard or wandb: where else the numbers of metrics.csv go (tracking.py)
+    wandb_project: str = "mini-gpt2"  # the W&B project of TRACKER=wandb
 
     @classmethod
     def from_env(cls):
@@ -191,8 +193,10 @@ OTHER_NAMES = {
     "NUM_LAYERS": "N_LAYER", "DEPTH": "N_LAYER", "NUM_HEADS": "N_HEAD", "HIDDEN_SIZE": "N_EMBD",
     "MODEL_PATH": "TESTING_MODEL_PATH", "CHECKPOINT": "TESTING_MODEL_PATH",
 }
-# other tools' variables, never warned about: CUDA, OpenMP, Hugging Face, NCCL, PyTorch and torchrun
-OTHER_TOOLS = ("CUDA_", "OMP_", "HF_", "NCCL_", "TORCH", "PYTORCH_", "GLOO_", "MASTER_", "KMP_", "MKL_")
+# other tools' variables, never warned about: CUDA, OpenMP, Hugging Face, NCCL, PyTorch, torchrun, W&B (and
+# the netrc file where W&B keeps its login)
+OTHER_TOOLS = ("CUDA_", "OMP_", "HF_", "NCCL_", "TORCH", "PYTORCH_", "GLOO_", "MASTER_", "KMP_", "MKL_", "WANDB_",
+               "NETRC")
 TORCHRUN = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
             "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE"}
 

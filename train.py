@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 import device
 import metrics
+import tracking
 import sampling
 import shards
 import tokenizer
@@ -83,6 +84,7 @@ class Run:
     val_loader: shards.TokenLoader
     hellaswag_rows: list | None  # None: HellaSwag off, or no data
     metrics: object  # metrics.csv open for appending (rank 0), else None
+    tracker: tracking.Tracker  # TensorBoard or W&B (rank 0); elsewhere one that does nothing
     grad_accum_steps: int
     start_step: int
     val_loss: float | None  # the last one measured, saved in checkpoints
@@ -138,12 +140,24 @@ def set_up(cfg, runtime, raw_model, weights, state, resume_from):
     if runtime.distributed:  # RESUME=auto with a LOG_DIR some nodes do not share would split the ranks
         check_same_start(start_step, runtime)
     hellaswag_rows = load_hellaswag(cfg.hellaswag_limit, runtime)
-    metrics_file = None
+    metrics_file, tracker = None, tracking.Tracker()
     if master:
-        metrics_file = metrics.open_for_run(os.path.join(cfg.log_dir, "metrics.csv"),
-                                            keep_through=state["step"] if resuming_in_place else None)
+        path = os.path.join(cfg.log_dir, "metrics.csv")
+        logged = metrics.last_step(path) if resuming_in_place else None  # what a tracker holds already
+        metrics_file = metrics.open_for_run(path, keep_through=state["step"] if resuming_in_place else None)
+        tracker = start_tracker(cfg, raw_model, runtime, state, start_step, logged)
     return Run(cfg, runtime, raw_model, model, optimizers, scaler, train_loader, val_loader, hellaswag_rows, metrics_file,
-               grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops), resume_from)
+               tracker, grad_accum_steps, start_step, val_loss, device.peak_flops(runtime, cfg.peak_tflops), resume_from)
+
+
+def start_tracker(cfg, model, runtime, state, start_step, logged):
+    """Rank 0's tracker. A resumed run goes on as the W&B run its checkpoint names only when none
+    of its updates is replayed: `logged`, metrics.csv's last step before the resume, is below its first."""
+    config = {**asdict(cfg), **asdict(model.config), "world_size": runtime.world_size,
+              "parameters": model.num_params(non_embedding=False)}
+    previous = state.get("wandb_run") if state else None
+    continues = logged is not None and logged < start_step
+    return tracking.start(cfg.tracker, cfg.log_dir, cfg.wandb_project, config, start_step, previous, continues)
 
 
 def train(run, stop):
@@ -152,47 +166,51 @@ def train(run, stop):
     cfg, runtime, master = run.cfg, run.runtime, run.runtime.master
     flops_per_token = run.raw_model.flops_per_token(cfg.seq_length)
     skipped = 0  # float16: updates in a row that the loss scaler skipped
-    for step in range(run.start_step, cfg.max_steps):
-        last_step = step == cfg.max_steps - 1
-        measured = (None, None)  # (validation loss, HellaSwag accuracy), where measured
-        # an evaluation at step N sees the weights before update N: step 0 shows the untrained model
-        if step % cfg.eval_interval == 0:
-            measured = evaluate(run, f"before update {step}")
-        if step > 0 and step % cfg.sample_interval == 0:
-            print_samples(run, f"before update {step}")
+    try:
+        for step in range(run.start_step, cfg.max_steps):
+            last_step = step == cfg.max_steps - 1
+            measured = (None, None)  # (validation loss, HellaSwag accuracy), where measured
+            # an evaluation at step N sees the weights before update N: step 0 shows the untrained model
+            if step % cfg.eval_interval == 0:
+                measured = evaluate(run, f"before update {step}")
+            if step > 0 and step % cfg.sample_interval == 0:
+                print_samples(run, step, f"before update {step}")
 
-        measuring = device.reset_peak_memory(runtime)
-        t0 = time.perf_counter()
-        lr = get_lr(step, cfg)
-        loss, norm = train_step(run.model, run.optimizers, run.scaler, run.train_loader, runtime,
-                                run.grad_accum_steps, lr)
-        loss, norm = loss.item(), norm.item()  # waits for the device
-        dt = time.perf_counter() - t0
-        peak_mib = device.peak_memory(runtime) / 2**20 if measuring else None
-        tokens_per_sec = cfg.total_batch_size / dt
-        mfu = flops_per_token * tokens_per_sec / (run.peak_flops * runtime.world_size) if run.peak_flops else None
-        if master:
-            print(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
-                  f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else "")
-                  + (f" | peak mem: {peak_mib:.0f}MiB" if peak_mib else ""), flush=True)
-        skipped = check_update(run, step, loss, norm, skipped)
+            measuring = device.reset_peak_memory(runtime)
+            t0 = time.perf_counter()
+            lr = get_lr(step, cfg)
+            loss, norm = train_step(run.model, run.optimizers, run.scaler, run.train_loader, runtime,
+                                    run.grad_accum_steps, lr)
+            loss, norm = loss.item(), norm.item()  # waits for the device
+            dt = time.perf_counter() - t0
+            peak_mib = device.peak_memory(runtime) / 2**20 if measuring else None
+            tokens_per_sec = cfg.total_batch_size / dt
+            mfu = flops_per_token * tokens_per_sec / (run.peak_flops * runtime.world_size) if run.peak_flops else None
+            if master:
+                print(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
+                      f"tok/sec: {tokens_per_sec:.2f}" + (f" | mfu: {mfu * 100:.1f}%" if mfu else "")
+                      + (f" | peak mem: {peak_mib:.0f}MiB" if peak_mib else ""), flush=True)
+            skipped = check_update(run, step, loss, norm, skipped)
 
-        if last_step:  # the final weights, after the last update
-            measured = evaluate(run, f"after update {step}")
-            print_samples(run, f"after update {step}")
-        if measured[0] is not None:
-            run.val_loss = measured[0]
+            if last_step:  # the final weights, after the last update
+                measured = evaluate(run, f"after update {step}")
+                print_samples(run, step, f"after update {step}")
+            if measured[0] is not None:
+                run.val_loss = measured[0]
+            if master:
+                row = [step, loss, *measured, lr, norm, round(dt * 1000, 2), round(tokens_per_sec, 1),
+                       round(mfu, 5) if mfu else None, round(peak_mib) if peak_mib else None]
+                metrics.append(run.metrics, row)
+                run.tracker.log(step, dict(zip(metrics.COLUMNS[1:], row[1:])))
+            stopping = stop.agreed()  # SIGTERM or Ctrl-C on any rank: every rank stops after this update
+            if (step + 1) % cfg.checkpoint_interval == 0 or last_step or stopping:
+                saved = save_checkpoint(run, step)
+            if stopping and not last_step:  # after the last update the run is simply done
+                stop.exit(saved)
+    finally:
         if master:
-            metrics.append(run.metrics, [step, loss, *measured, lr, norm, round(dt * 1000, 2),
-                                         round(tokens_per_sec, 1), round(mfu, 5) if mfu else None,
-                                         round(peak_mib) if peak_mib else None])
-        stopping = stop.agreed()  # SIGTERM or Ctrl-C on any rank: every rank stops after this update
-        if (step + 1) % cfg.checkpoint_interval == 0 or last_step or stopping:
-            saved = save_checkpoint(run, step)
-        if stopping and not last_step:  # after the last update the run is simply done
-            stop.exit(saved)
-    if master:
-        run.metrics.close()
+            run.metrics.close()
+            run.tracker.close()  # a W&B run is finished even when a signal stops this one
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,6 +223,7 @@ def check_settings(cfg, launch):
         raise UserError(f"PARALLEL must be ddp or fsdp, got {cfg.parallel!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"OPTIMIZER must be adamw or muon, got {cfg.optimizer!r}")
+    tracking.check(cfg.tracker)
     if cfg.min_lr > cfg.max_lr:
         raise UserError(f"MIN_LR ({cfg.min_lr}) must not exceed MAX_LR ({cfg.max_lr})")
     micro_tokens = cfg.batch_size * cfg.seq_length * launch.world_size
@@ -600,11 +619,11 @@ def load_hellaswag(limit, runtime):
     return rows
 
 
-def print_samples(run, when, num_samples=4, max_new_tokens=32):
-    """Rank 0 prints samples of the current weights. Every rank calls this, and all agree first that
-    the weights are finite. Under FSDP every rank makes the same samples, since each forward pass
-    gathers weights from all of them, and all make max_new_tokens steps: none may stop early at
-    <|endoftext|> alone."""
+def print_samples(run, step, when, num_samples=4, max_new_tokens=32):
+    """Rank 0 prints samples of the current weights, and sends them to the tracker at `step`. Every
+    rank calls this, and all agree first that the weights are finite. Under FSDP every rank makes
+    the same samples, since each forward pass gathers weights from all of them, and all make
+    max_new_tokens steps: none may stop early at <|endoftext|> alone."""
     runtime, sharded = run.runtime, run.cfg.parallel == "fsdp"
     if not weights_finite(run.raw_model, runtime):
         stop_diverged(run, f"{when}: the weights are not finite")
@@ -622,9 +641,10 @@ def print_samples(run, when, num_samples=4, max_new_tokens=32):
             print(f"Warning: no samples {when}: {error}", file=sys.stderr, flush=True)
         return
     if runtime.master:
-        for i, row in enumerate(rows):
-            row = row[:row.index(tokenizer.EOT)] if tokenizer.EOT in row else row
-            print(f"rank 0 sample {i}: {tokenizer.decode(prompt + row)}")
+        texts = [tokenizer.decode(prompt + (row[:row.index(tokenizer.EOT)] if tokenizer.EOT in row else row)) for row in rows]
+        for i, text in enumerate(texts):
+            print(f"rank 0 sample {i}: {text}")
+        run.tracker.samples(step, texts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,11 +704,13 @@ def save_checkpoint(run, step):
     target = checkpoint.checkpoint_path(run.cfg.log_dir, step, sharded)
     if sharded or run.runtime.master:
         state = checkpoint.training_state(run.raw_model, run.optimizers, run.scaler, run.cfg, step, run.val_loss,
-                                          run.train_loader.position, run.runtime.device)
+                                          run.train_loader.position, run.runtime.device,
+                                          wandb_run=run.tracker.run if run.runtime.master else None)
         checkpoint.save(state, target)
     if run.runtime.master:
         checkpoint.prune(run.cfg.log_dir, run.cfg.keep_checkpoints)
         print(f"saved checkpoint {target}")
+        run.tracker.flush()  # a crash from now on loses no point before this checkpoint
     run.finite_checkpoint = target
     return target
 
