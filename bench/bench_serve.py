@@ -108,15 +108,16 @@ def clients_at_once(port, count, new_tokens):
     for thread in threads:
         thread.join()
     tokens = sum(map(len, arrivals))
-    end = max(times[-1] for times in arrivals)
-    first = [times[0] - start for times in arrivals]
+    # a client whose answer ended at once (<|endoftext|> first: a trained model's --checkpoint) has no times
+    end = max((times[-1] for times in arrivals if times), default=start + 1e-9)
+    first = [times[0] - start for times in arrivals if times]
     gaps = [b - a for times in arrivals for a, b in zip(times, times[1:])]
     return tokens / (end - start), first, gaps
 
 
 def percentile(values, q):
     values = sorted(values)
-    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))] if values else float("nan")
 
 
 @cli
