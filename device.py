@@ -294,8 +294,8 @@ def meeting_point(rank, world_size):
     store of its own for a single process, or, in a one-machine group torchrun has restarted, under
     a prefix of its own in torchrun's store. Without that prefix the restarted ranks can read the
     peer addresses the previous attempt left there and hang or fail connecting to them. (Across
-    machines each agent counts its own restarts, so the count is no shared name: README says what
-    to set there.)"""
+    machines each agent counts its own restarts, so the count is no shared name: docs/checkpoints.md
+    says what to set there.)"""
     if world_size == 1:
         return dict(store=dist.HashStore(), rank=0, world_size=1)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

@@ -4,8 +4,8 @@ its smallest allowed value).
 
     N_LAYER=6 N_HEAD=6 N_EMBD=384 MAX_STEPS=100 uv run train.py
 
-README's tables of variables list exactly these, with the same defaults (tests/test_settings.py
-checks). A set variable that is no setting but looks like a misspelled one gets a warning.
+The tables of variables in README.md and docs/ list exactly these, with the same defaults
+(tests/test_settings.py checks). A set variable that is no setting but looks like a misspelled one gets a warning.
 """
 
 import os

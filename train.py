@@ -5,7 +5,7 @@
     PARALLEL=fsdp torchrun --standalone --nproc_per_node=8 train.py   # the same, sharded (FSDP2)
 
 Every setting is an environment variable: settings.TrainConfig and settings.GPTConfig list them
-with their defaults (README too). The loop is build-nanogpt's: gradient accumulation up to
+with their defaults (docs/training.md too). The loop is build-nanogpt's: gradient accumulation up to
 TOTAL_BATCH_SIZE tokens per update, gradient clipping at 1.0, linear warm-up then cosine decay, and
 now and then a validation loss, HellaSwag accuracy and samples. Checkpoints in $LOG_DIR hold
 everything needed to continue exactly (RESUME=1), and every update appends one row to

@@ -1,4 +1,4 @@
-"""settings.py is the one list: README documents exactly it, scripts read nothing else, and a set
+"""settings.py is the one list: README and docs/ document exactly it, scripts read nothing else, and a set
 variable that looks like a misspelled setting gets one warning line."""
 
 import ast
@@ -15,14 +15,18 @@ from env import UserError, read
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # wherever the tables are
+
+
 def readme_rows():
-    """(variable, default) of every row of README's variable tables (`| variable | default | meaning |`).
+    """(variable, default) of every row of the variable tables (`| variable | default | meaning |`) in
+    README.md and docs/.
 
     A combined row such as `N_LAYER` / `N_HEAD` / `N_EMBD` | 12 / 12 / 768 is read as one row per
     variable, pairing the names and the defaults in order. A variable may appear in several tables
     (LOG_DIR, DEVICE, ...): every row is checked."""
     rows, in_table = [], False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    for line in "\n".join(path.read_text() for path in DOCUMENTS).splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.startswith("|") else None
         if cells is None:
             in_table = False
