@@ -5,8 +5,9 @@
 
 Rank 0 sends, under metrics.csv's column names and step numbers: every update's row (loss, lr,
 norm, dt_ms, tok_per_sec, mfu, peak_mem_mib; val_loss and hellaswag_acc where measured), the
-samples as text, and at the start the run's settings and parameter count. Neither package is in
-the default install: each is an extra of pyproject.toml.
+samples as text (with the row of their step, so that a step W&B holds is always a whole one), and
+at the start the run's settings and parameter count. Neither package is in the default install:
+each is an extra of pyproject.toml (and in the dev group, which `uv run` in a checkout installs).
 
 A run that resumes continues its curves. TensorBoard's are cut at the first replayed step
 (purge_step), so a step is never shown twice. W&B drops every step at or below the last one a run
@@ -20,9 +21,11 @@ the network, a bug in the package) is one warning, and training goes on without 
 
 import importlib.util
 import os
+import re
 import secrets
 import string
 import sys
+import threading
 
 import hub
 from env import UserError, reason
@@ -46,24 +49,31 @@ class Tracker:
     """Rank 0's link to a tracker (a TensorBoard or WandB below, or None: no tracker). The first
     failure is one warning; the tracker is off from then on."""
 
-    def __init__(self, name="none", backend=None):
+    def __init__(self, name="none", backend=None, run=None):
         self.name, self.backend = name, backend
-        self.run = getattr(backend, "run_record", None)  # what checkpoints keep to continue the run
+        # what checkpoints keep to continue the W&B run: this one's, else the one the run resumed
+        self.run = getattr(backend, "run_record", None) or run
+        self.texts = None  # samples waiting for the row of their step
 
     def log(self, step, row):
-        """Send metrics.csv's row of update `step` ({column: value}, None where not measured)."""
-        self.call("log", step, {column: value for column, value in row.items() if value is not None})
+        """Send metrics.csv's row of update `step` ({column: value}, None where not measured), and
+        the samples made before it."""
+        self.call("log", step, {column: value for column, value in row.items() if value is not None}, self.texts)
+        self.texts = None
 
-    def samples(self, step, texts):
-        self.call("samples", step, texts)
+    def samples(self, texts):
+        """Keep the samples made before an update, for its row."""
+        self.texts = texts
 
     def flush(self):
         """Write out what is buffered: a checkpoint was just saved, and a crash now must lose no
         point before it."""
         self.call("flush")
 
-    def close(self):
-        self.call("close")
+    def close(self, error=None):
+        """Finish: with `error` (the exception ending the run, if any), as failed or stopped."""
+        code = 0 if error is None else error.code if isinstance(error, SystemExit) else 1
+        self.call("close", code if isinstance(code, int) else 1)
 
     def call(self, method, *args):
         if self.backend is None:
@@ -85,13 +95,13 @@ def start(tracker, log_dir, project, config, first_step, previous_run, continues
     config = {name: value for name, value in config.items() if not any(word in name for word in SECRET_WORDS)}
     try:
         if tracker == "tensorboard":
-            return Tracker(tracker, TensorBoard(log_dir, config, first_step))
+            return Tracker(tracker, TensorBoard(log_dir, config, first_step), previous_run)
         if tracker == "wandb":
             return Tracker(tracker, WandB(log_dir, project, config, first_step, previous_run, continues))
     except Exception as error:
         print(f"Warning: TRACKER={tracker} could not start ({type(error).__name__}: {reason(error)}): training goes "
               "on without it (metrics.csv has every update)", file=sys.stderr, flush=True)
-    return Tracker()
+    return Tracker(run=previous_run)
 
 
 class TensorBoard:
@@ -100,23 +110,22 @@ class TensorBoard:
     def __init__(self, log_dir, config, first_step):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step: on resume, the points the crashed part logged from first_step on are hidden
-        self.writer = SummaryWriter(os.path.join(log_dir, "tensorboard"), purge_step=first_step or None)
+        # purge_step: the points an earlier run logged from first_step on are hidden (all of them for
+        # a run that starts over at 0 in the same LOG_DIR)
+        self.writer = SummaryWriter(os.path.join(log_dir, "tensorboard"), purge_step=first_step)
         table = "\n".join(["| setting | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in config.items()])
         self.writer.add_text("configuration", table, first_step)
 
-    def log(self, step, row):
+    def log(self, step, row, texts):
         for column, value in row.items():
             self.writer.add_scalar(column, value, step)
-
-    def samples(self, step, texts):
-        # indented: a code block in TensorBoard's markdown, each text shown as it is
-        self.writer.add_text("samples", "\n\n".join(f"    {text}".replace("\n", "\n    ") for text in texts), step)
+        if texts:  # indented: a code block in TensorBoard's markdown, each text shown as it is
+            self.writer.add_text("samples", "\n\n".join(f"    {text}".replace("\n", "\n    ") for text in texts), step)
 
     def flush(self):
         self.writer.flush()
 
-    def close(self):
+    def close(self, code):
         self.writer.close()
 
 
@@ -135,29 +144,31 @@ class WandB:
         if previous_run and continues:  # the same run: nothing it holds is logged again
             chosen.update(id=previous_run["id"], resume="allow", group=previous_run["group"], name=previous_run["name"])
         elif previous_run:  # updates it holds would be replayed, and W&B would drop them: a new run beside it
-            chosen.update(group=previous_run["group"], name=f"{previous_run['name']} from step {first_step}")
+            first = re.sub(r" from step \d+$", "", previous_run["name"])
+            chosen.update(group=previous_run["group"], name=f"{first} from step {first_step}")
         else:
             chosen["id"] = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             if "WANDB_RUN_GROUP" not in os.environ:
                 chosen["group"] = chosen["id"]  # the group its resumed parts will join
         self.run = wandb.init(**chosen)
         self.run_record = {"id": self.run.id, "group": self.run.group, "name": self.run.name or self.run.id}
-        if offline:
+        if self.run.offline:
             folder = os.path.relpath(os.path.dirname(self.run.dir))
-            print(f"W&B: {offline}: logging offline; upload the run later with: uv run --extra wandb wandb sync {folder}",
-                  flush=True)
+            print(f"W&B: {offline or 'WANDB_MODE=' + os.environ['WANDB_MODE']}: logging offline; upload the run "
+                  f"later with: uv run --extra wandb wandb sync {folder}", flush=True)
 
-    def log(self, step, row):
+    def log(self, step, row, texts):
+        if texts:
+            row = {**row, "samples": self.wandb.Table(columns=["sample"], data=[[text] for text in texts])}
         self.run.log(row, step=step)
-
-    def samples(self, step, texts):
-        self.run.log({"samples": self.wandb.Table(columns=["sample"], data=[[text] for text in texts])}, step=step)
 
     def flush(self):
         pass  # W&B writes as it goes
 
-    def close(self):
-        self.run.finish()
+    def close(self, code):
+        if code == 143:  # SIGTERM: W&B shows the run as preempted, to be resumed
+            self.run.mark_preempting()
+        self.run.finish(exit_code=code)
 
 
 def why_offline():
@@ -173,6 +184,10 @@ def why_offline():
         logged_in = False
     if not logged_in:
         return "not logged in (wandb login, or WANDB_API_KEY)"
-    if not hub.answers(url, WANDB_PROBE_SECONDS):
-        return f"{host} cannot be reached"
-    return ""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""  # through a proxy: W&B's own connection is the only test
+    answer = []  # the probe in a thread: a name lookup that hangs must not hold the run up either
+    probe = threading.Thread(target=lambda: answer.append(hub.answers(url, WANDB_PROBE_SECONDS)), daemon=True)
+    probe.start()
+    probe.join(WANDB_PROBE_SECONDS)
+    return "" if answer and answer[0] else f"{host} cannot be reached"

@@ -174,7 +174,7 @@ def train(run, stop):
             if step % cfg.eval_interval == 0:
                 measured = evaluate(run, f"before update {step}")
             if step > 0 and step % cfg.sample_interval == 0:
-                print_samples(run, step, f"before update {step}")
+                print_samples(run, f"before update {step}")
 
             measuring = device.reset_peak_memory(runtime)
             t0 = time.perf_counter()
@@ -194,7 +194,7 @@ def train(run, stop):
 
             if last_step:  # the final weights, after the last update
                 measured = evaluate(run, f"after update {step}")
-                print_samples(run, step, f"after update {step}")
+                print_samples(run, f"after update {step}")
             if measured[0] is not None:
                 run.val_loss = measured[0]
             if master:
@@ -210,7 +210,7 @@ def train(run, stop):
     finally:
         if master:
             run.metrics.close()
-            run.tracker.close()  # a W&B run is finished even when a signal stops this one
+            run.tracker.close(sys.exc_info()[1])  # finished as failed or stopped, if an exception ends the run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -619,10 +619,10 @@ def load_hellaswag(limit, runtime):
     return rows
 
 
-def print_samples(run, step, when, num_samples=4, max_new_tokens=32):
-    """Rank 0 prints samples of the current weights, and sends them to the tracker at `step`. Every
-    rank calls this, and all agree first that the weights are finite. Under FSDP every rank makes
-    the same samples, since each forward pass gathers weights from all of them, and all make
+def print_samples(run, when, num_samples=4, max_new_tokens=32):
+    """Rank 0 prints samples of the current weights (the tracker sends them with the update's row).
+    Every rank calls this, and all agree first that the weights are finite. Under FSDP every rank
+    makes the same samples, since each forward pass gathers weights from all of them, and all make
     max_new_tokens steps: none may stop early at <|endoftext|> alone."""
     runtime, sharded = run.runtime, run.cfg.parallel == "fsdp"
     if not weights_finite(run.raw_model, runtime):
@@ -644,7 +644,7 @@ def print_samples(run, step, when, num_samples=4, max_new_tokens=32):
         texts = [tokenizer.decode(prompt + (row[:row.index(tokenizer.EOT)] if tokenizer.EOT in row else row)) for row in rows]
         for i, text in enumerate(texts):
             print(f"rank 0 sample {i}: {text}")
-        run.tracker.samples(step, texts)
+        run.tracker.samples(texts)
 
 
 # ----------------------------------------------------------------------------------------------

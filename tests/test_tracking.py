@@ -4,6 +4,7 @@ own reader, through a resume after a crash that lost the newest checkpoint."""
 import glob
 import json
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,10 @@ def test_tensorboard_has_metrics_csv_and_after_a_lost_checkpoint_each_step_once(
     assert scalars == csv_scalars(tmp_path)  # steps 0 to 5 once each, 3 to 5 the resumed run's
     assert [step for step, _ in scalars["loss"]] == list(range(6))
 
+    run_train(monkeypatch, token_dataset, tmp_path, TRACKER="tensorboard", FORCE="1", MAX_STEPS=2)  # starting over
+    scalars, _ = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars == csv_scalars(tmp_path) and [step for step, _ in scalars["loss"]] == [0, 1]
+
 
 def wandb_runs(log_dir):
     """Every offline run under log_dir/wandb, oldest first, read from its .wandb file with W&B's own
@@ -67,7 +72,7 @@ def wandb_runs(log_dir):
                 record.ParseFromString(pending)
                 records.append(record)
                 pending = b""
-        run = {"config": {}, "summary": {}, "steps": []}
+        run = {"config": {}, "summary": {}, "steps": [], "logged": {}}
         for record in records:
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -75,8 +80,11 @@ def wandb_runs(log_dir):
                            started=record.run.start_time.ToNanoseconds())
                 run["config"].update({item.key: json.loads(item.value_json) for item in record.run.config.update})
             elif kind == "history":
-                run["steps"] += [int(item.value_json) for item in record.history.item if item.nested_key == ["_step"]
-                                 or item.key == "_step"]
+                keys = {item.key or item.nested_key[0]: item.value_json for item in record.history.item}
+                run["steps"].append(int(keys["_step"]))
+                run["logged"][int(keys["_step"])] = set(keys)
+            elif kind == "exit":
+                run["exit_code"] = record.exit.exit_code
             elif kind == "summary":
                 for item in record.summary.update:
                     key = item.key or "/".join(item.nested_key)
@@ -106,8 +114,9 @@ def test_wandb_offline_resumes_its_run_and_after_a_lost_checkpoint_starts_one_be
     assert (first["steps"], resumed["steps"]) == ([0, 1, 2], [3, 4, 5])
     assert beside["id"] != first["id"] and beside["group"] == first["group"]
     assert beside["name"] == f"{first['id']} from step 3" and beside["steps"] == [3, 4, 5]  # replayed, not dropped
-    assert first["config"]["n_layer"] == 2 and first["config"]["tracker"] == "wandb"
-    assert first["config"]["parameters"] > 0 and not any("key" in name for name in first["config"])
+    assert first["config"]["n_layer"] == 2 and first["config"]["tracker"] == "wandb" and first["config"]["parameters"] > 0
+    assert [run["exit_code"] for run in (first, resumed, beside)] == [0, 0, 0]
+    assert {"samples", "loss", "val_loss"} <= beside["logged"][5]  # the final samples with the last row
     assert checkpoint.load(str(log_dir / "model_00005.pt"))["wandb_run"] == \
            {"id": beside["id"], "group": first["group"], "name": beside["name"]}  # the run a next resume continues
     last = read_metrics(log_dir)[-1]
@@ -127,11 +136,44 @@ def test_the_wandb_run_is_kept_in_both_checkpoint_forms(tmp_path):
         assert checkpoint.load(str(tmp_path / name))["wandb_run"] == run
 
 
+def test_no_secret_goes_into_the_configuration(tmp_path):
+    tracker = tracking.start("tensorboard", str(tmp_path), "tests", {"n_layer": 2, "serve_api_key": "s3cret",
+                                                                      "hub_token": "t0ken"}, 0, None, False)
+    tracker.close()
+    _, events = tensorboard_scalars(tmp_path / "tensorboard")
+    table = events.Tensors("configuration/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| n_layer | 2 |" in table and "s3cret" not in table and "t0ken" not in table
+
+
+def test_a_run_ends_in_the_tracker_as_it_ended():
+    ends = []
+
+    class Backend:
+        def close(self, code):
+            ends.append(code)
+
+    for error in (None, SystemExit(143), SystemExit(130), RuntimeError("a bug")):
+        tracking.Tracker("wandb", Backend()).close(error)
+    assert ends == [0, 143, 130, 1]
+
+
+def test_the_wandb_probe_waits_3_seconds_at_most(tmp_path, monkeypatch):
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password secret-key\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tracking, "WANDB_PROBE_SECONDS", 0.2)
+    monkeypatch.setattr(tracking.hub, "answers", lambda url, timeout: time.sleep(5) or True)  # a name lookup that hangs
+    started = time.perf_counter()
+    assert tracking.why_offline() == "api.wandb.ai cannot be reached"
+    assert time.perf_counter() - started < 2
+
+
 def test_a_tracker_that_fails_mid_run_is_one_warning_and_training_goes_on(token_dataset, tmp_path, monkeypatch,
                                                                           capsys):
     calls = []
 
-    def log(self, step, row):
+    def log(self, step, row, texts):
         calls.append(step)
         if step == 2:
             raise OSError(28, "No space left on device")
