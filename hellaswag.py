@@ -359,7 +359,7 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
     """Score `examples` with the raw (uncompiled, unwrapped) GPT `model`. Under torchrun every rank
     scores its share and the scores are all-reduced, so every rank returns the same full Result.
     lockstep: every rank makes as many forward passes as the busiest (FSDP, whose forward pass
-    gathers each block's weights from all ranks), the extra ones scoring a batch again."""
+    gathers each block's weights from all ranks), the extra ones through the blocks only."""
     if variant not in VARIANTS:
         raise UserError(f"HellaSwag variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     batch_size = batch_size or default_batch_size(runtime.device_type)
@@ -381,13 +381,14 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
             count = 0
         batches[-1].append(row)
         count += len(row)
-    extra = []  # lockstep: batches this rank scores again, for nothing, while the others finish theirs
+    on = runtime.device if distributed and dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    extra = []  # lockstep: batches this rank runs again, for nothing, while the others finish theirs
     if lockstep and distributed:
-        most = torch.tensor([len(batches)], device=runtime.device if dist.get_backend() == "nccl" else "cpu")
+        most = torch.tensor([len(batches)], device=on)
         dist.all_reduce(most, op=dist.ReduceOp.MAX)
-        if not batches:  # a rank with no example of its own scores the first one
+        if not batches:  # a rank with no example of its own runs the first one
             encoded[0] = encode_example(examples[0], variant, block_size)
-        extra = (batches[:1] or [[[0]]]) * (int(most) - len(batches))
+        extra = (batches[-1:] or [[[0]]]) * (int(most) - len(batches))  # its narrowest batch
     with runtime.autocast():  # one autocast region: the weights are cast to low precision once
         for batch in batches:
             chosen = [i for row in batch for i in row]
@@ -395,11 +396,11 @@ def evaluate(model, runtime, examples, batch_size=None, variant="nanogpt", progr
             scores[chosen, 0] = _score_rows(model, [[encoded[i] for i in row] for row in batch], runtime, chunk)
             scores[chosen, 1] = torch.tensor([encoded[i].norm for i in chosen], dtype=torch.float64)
             bar.update(min(len(chosen) * world, len(examples) - bar.n))
-        for batch in extra:
-            _score_rows(model, [[encoded[i] for i in row] for row in batch], runtime, chunk)
+        for batch in extra:  # only the blocks' weight gathers count: nothing is projected or scored
+            ids, pos, mask, *_ = _pack([[encoded[i] for i in row] for row in batch], runtime.device)
+            model.hidden(ids, pos=pos, attn_mask=mask)
     bar.close()
     if distributed:  # each example is filled on exactly one rank, zero elsewhere
-        on = runtime.device if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
         reduced = scores.to(on)
         dist.all_reduce(reduced)
         scores = reduced.cpu()

@@ -311,7 +311,10 @@ class KVCache:
         self.lengths = [0] * batch_size  # tokens stored in each row
         self.rows = range(batch_size)  # the rows the next forward pass extends, in its batch's order
         self.kv = None
-        self.mask = None  # the attention mask of the forward pass under way (None: none needed)
+        # of the forward pass under way, worked out once by positions() for every layer's append():
+        self.starts = [0] * batch_size  # each of its rows' length before it
+        self.mask = None  # its attention mask (None: none needed)
+        self.scatter = None  # a decode step of rows of different lengths: (batch rows, positions) its keys go to
 
     @property
     def length(self):
@@ -332,9 +335,10 @@ class KVCache:
         forward pass's attention mask: a new token sees its row's prefix and, of the new tokens,
         itself and the ones before. Rows of one length need none (T == 1 sees everything; an empty
         prefix is plain causal attention) and take exactly the path single-prompt generation does."""
-        starts = [self.lengths[r] for r in self.rows]
+        self.starts = starts = [self.lengths[r] for r in self.rows]
         if max(starts) + T > self.config.block_size:
             raise ValueError(f"sequence of {max(starts) + T} tokens exceeds block_size {self.config.block_size}")
+        self.scatter = None
         if len(set(starts)) == 1:
             start = starts[0]
             self.mask = (torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
@@ -343,6 +347,8 @@ class KVCache:
         pos = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)  # (rows, T)
         keys = torch.arange(max(starts) + T, device=device)
         self.mask = (keys <= pos[:, :, None])[:, None]  # (rows, 1, T, keys): nothing past the row's own end
+        if T == 1:
+            self.scatter = (torch.arange(len(starts), device=device), pos[:, 0])
         return pos
 
     def append(self, layer, k, v):
@@ -354,14 +360,13 @@ class KVCache:
             # zeros: a row shorter than the batch's longest reads slots past its end, masked out, and
             # never-written memory could hold a nan (the mask's 0 times nan is nan)
             self.kv = torch.zeros(shape, dtype=k.dtype, device=k.device)
-        T, rows = k.size(2), slice(self.rows.start, self.rows.stop)
-        starts = [self.lengths[r] for r in self.rows]
-        if len(set(starts)) == 1:
-            self.kv[layer, :, rows, :, starts[0]:starts[0] + T] = torch.stack((k, v))
-        elif T == 1:  # a server's decode step: one scatter for the batch
-            at = torch.tensor(starts, device=k.device)
-            self.kv[layer, 0, rows][torch.arange(len(starts)), :, at] = k[:, :, 0]
-            self.kv[layer, 1, rows][torch.arange(len(starts)), :, at] = v[:, :, 0]
+        T, rows, starts = k.size(2), slice(self.rows.start, self.rows.stop), self.starts
+        if self.scatter is not None:  # a server's decode step: one scatter for the batch
+            self.kv[layer, 0, rows][self.scatter[0], :, self.scatter[1]] = k[:, :, 0]
+            self.kv[layer, 1, rows][self.scatter[0], :, self.scatter[1]] = v[:, :, 0]
+        elif len(set(starts)) == 1:
+            self.kv[layer, 0, rows, :, starts[0]:starts[0] + T] = k
+            self.kv[layer, 1, rows, :, starts[0]:starts[0] + T] = v
         else:
             for i, start in enumerate(starts):
                 self.kv[layer, :, self.rows[i], :, start:start + T] = torch.stack((k[i], v[i]))

@@ -98,7 +98,12 @@ def generate(model, prompt_ids, max_new_tokens, stop_at_eot=True, **kwargs):
     if not steps:  # max_new_tokens == 0
         return [[] for _ in range(len(prompt_ids) if torch.is_tensor(prompt_ids) else kwargs.get("num_samples", 1))]
     rows = torch.stack(steps, dim=1).tolist()
-    return [row[:row.index(EOT)] if stop_at_eot and EOT in row else row for row in rows]
+    return [cut_at_eot(row) if stop_at_eot else row for row in rows]
+
+
+def cut_at_eot(row):
+    """Return the token ids before the first <|endoftext|>."""
+    return row[:row.index(EOT)] if EOT in row else row
 
 
 def make_generator(device, seed):

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import hmac
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -316,7 +317,7 @@ def logprobs_object(choice, k):
     ids = (list(choice.echo[0]) if choice.echo else []) + choice.tokens
     values = (choice.prompt_logprobs if choice.echo else []) + choice.logprobs
     text = [encoding.decode_single_token_bytes(i).decode("utf-8", errors="replace") for i in ids]
-    offsets = [sum(map(len, text[:i])) for i in range(len(text))]
+    offsets = list(itertools.accumulate(map(len, text), initial=0))[:-1]  # where each token's text starts
     return {"tokens": text, "token_logprobs": [lp for lp, _ in values],
             "top_logprobs": [None if top is None else {decode([i]): v for i, v in list(top.items())[:k]}
                              for _, top in values],
@@ -332,9 +333,8 @@ def sse(data):
     return f"data: {json.dumps(data)}\n\n"
 
 
-def make_app(model, runtime, engine, name, api_key=""):
-    """Return the web application serving `model` through `engine`."""
-    context = model.config.block_size
+def make_app(engine, context, name, api_key=""):
+    """Return the web application serving the model named `name`, of `context` tokens, through `engine`."""
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
 
@@ -526,7 +526,7 @@ def main():
     if not ipaddress.ip_address(socket.gethostbyname(args.host) if ":" not in args.host else args.host).is_loopback:
         print(f"Warning: listening on {args.host}: anyone who can reach this machine can use the model"
               + ("" if api_key else " (set SERVE_API_KEY to require a key)"), file=sys.stderr, flush=True)
-    config = uvicorn.Config(make_app(model, runtime, engine, name, api_key), log_level="warning",
+    config = uvicorn.Config(make_app(engine, model.config.block_size, name, api_key), log_level="warning",
                             timeout_graceful_shutdown=DRAIN_SECONDS)
     server = Server(config)
 

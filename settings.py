@@ -206,6 +206,13 @@ def names():
     return {field.name.upper() for cls in SETTINGS for field in fields(cls)}
 
 
+def cleared_environment(**chosen):
+    """Return this process's environment without any setting or torchrun variable, plus `chosen`:
+    for a child process (a benchmark's run, a check's step) that the caller's shell must not steer."""
+    ours = names() | TORCHRUN
+    return {**{name: value for name, value in os.environ.items() if name not in ours}, **chosen}
+
+
 def one_edit_apart(a, b):
     """Return True when a and b differ by at most one inserted, deleted, replaced or swapped character."""
     if a == b:

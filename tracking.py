@@ -26,6 +26,7 @@ import secrets
 import string
 import sys
 import threading
+from urllib.parse import urlparse
 
 import hub
 from env import UserError, reason
@@ -177,7 +178,7 @@ def why_offline():
     import netrc
 
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    host = url.split("://")[-1].split("/")[0].split(":")[0]
+    host = urlparse(url).hostname
     try:
         logged_in = bool(os.environ.get("WANDB_API_KEY")) or netrc.netrc(os.environ.get("NETRC")).authenticators(host)
     except (OSError, netrc.NetrcParseError):

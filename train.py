@@ -641,7 +641,7 @@ def print_samples(run, when, num_samples=4, max_new_tokens=32):
             print(f"Warning: no samples {when}: {error}", file=sys.stderr, flush=True)
         return
     if runtime.master:
-        texts = [tokenizer.decode(prompt + (row[:row.index(tokenizer.EOT)] if tokenizer.EOT in row else row)) for row in rows]
+        texts = [tokenizer.decode(prompt + sampling.cut_at_eot(row)) for row in rows]
         for i, text in enumerate(texts):
             print(f"rank 0 sample {i}: {text}")
         run.tracker.samples(texts)

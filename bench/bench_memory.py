@@ -34,18 +34,18 @@ import ctypes
 import functools
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from bench import report
-from bench.processes import descendants, status_bytes
+from bench.processes import descendants, error_line, kill_tree, status_bytes
 from env import ArgumentParser, UserError, cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,10 +76,9 @@ def parameters(n_layer, n_head, n_embd):
 def train(settings, dataset, log_dir, ranks=2, seconds=None):
     """Run train.py under torchrun with `settings` (stopped after `seconds`, if given); return each
     worker's peak RSS (bytes) and the median seconds of the updates after the first."""
-    from settings import TORCHRUN, names
+    from settings import cleared_environment
 
-    env = {name: value for name, value in os.environ.items() if name not in names() | TORCHRUN}
-    env.update(RUN, DATASET_PATH=dataset, LOG_DIR=log_dir, **settings)
+    env = cleared_environment(**{**RUN, "DATASET_PATH": dataset, "LOG_DIR": log_dir, **settings})
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "train.py"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                text=True)
@@ -93,15 +92,13 @@ def train(settings, dataset, log_dir, ranks=2, seconds=None):
         for pid in workers:
             peaks[pid] = max(peaks.get(pid, 0), status_bytes(pid, "VmHWM") or 0)
         if time.perf_counter() > deadline:
-            for pid in [process.pid, *workers]:
-                os.kill(pid, signal.SIGKILL)
-            process.wait()
+            kill_tree(process)
             raise UserError(f"train.py took more than {seconds} s ({' '.join(f'{k}={v}' for k, v in settings.items())})")
         time.sleep(0.05)
     reader.join()
     if process.returncode != 0:
-        why = next((line for line in reversed(errors) if line.startswith("Error:")), errors[-1] if errors else "")
-        raise UserError(f"train.py failed ({' '.join(f'{k}={v}' for k, v in settings.items())}): {why.strip()}")
+        why = error_line(errors, process.returncode)
+        raise UserError(f"train.py failed ({' '.join(f'{k}={v}' for k, v in settings.items())}): {why}")
     import metrics
 
     times = metrics.read(os.path.join(log_dir, "metrics.csv"))["dt_ms"].tolist()[1:]
@@ -221,7 +218,8 @@ def fits_part(runs, memory_gib, ranks):
 
 def large_part(dataset, folder):
     """--large: gpt2-large's shape, 3 updates and a checkpoint, then 2 more resumed."""
-    available = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable"))
     if available < 18 * GiB:
         raise UserError(f"--large needs 18 GiB of available memory, this machine has {available / GiB:.1f} GiB")
     free = shutil.disk_usage(folder).free
@@ -235,6 +233,11 @@ def large_part(dataset, folder):
         peaks, step_s = train(settings, dataset, log_dir, seconds=15 * 60)
         runs[name] = {"peaks": peaks, "sum": sum(peaks), "step_s": step_s, "seconds": time.perf_counter() - start}
         print(f"  {name} done", flush=True)
+    import checkpoint
+
+    first = Path(checkpoint.checkpoint_path(log_dir, 2, sharded=True))  # the first run's, kept by the second
+    on_disk = sum(f.stat().st_size for f in first.iterdir() if f.is_file())
+    runs["3 updates, checkpoint"]["checkpoint_bytes"] = on_disk
     return runs
 
 
@@ -260,7 +263,10 @@ def main():
                          [[name, " + ".join(f"{p / GiB:.2f}" for p in run["peaks"]), f"{run['sum'] / GiB:.2f}",
                            "yes" if run["sum"] <= 16 * GiB else "NO", f"{run['step_s']:.1f}", f"{run['seconds']:.0f}"]
                           for name, run in runs.items()])
-            report.save("memory_large", runs, {**vars(args), "settings": {**RUN, **LARGE}}, "cpu")
+            print(f"the sharded checkpoint: {runs['3 updates, checkpoint']['checkpoint_bytes'] / 1e9:.1f} GB on disk; "
+                  f"both runs: {sum(run['seconds'] for run in runs.values()) / 60:.1f} minutes")
+            report.save("memory_large", runs, {**vars(args), "settings": {**RUN, **LARGE},
+                                               "seconds": round(time.perf_counter() - started, 1)}, "cpu")
             if any(run["sum"] > 16 * GiB for run in runs.values()):
                 raise UserError("the two workers' peaks summed to more than 16 GiB")
             return

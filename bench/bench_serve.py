@@ -17,8 +17,6 @@ import contextlib
 import http.client
 import json
 import os
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,7 @@ import time
 
 import torch
 
-from bench import report
+from bench import processes, report
 from bench.bench_generate import new_tokens_per_s
 from device import setup
 from documents import question_prompt
@@ -45,12 +43,6 @@ def prompt(client):
     return question_prompt(f"{QUESTION} ({'1' * (client + 1)})")
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(folder, port, chosen=""):
     """Serve the checkpoint `chosen`, else a random 124M one saved in `folder`; return the process
     once it answers, and the model."""
@@ -65,8 +57,9 @@ def start_server(folder, port, chosen=""):
         path = os.path.join(folder, "model_00000.pt")
         checkpoint.save({"model": model.state_dict(), "config": model.config.shape()}, path)
     log = os.path.join(folder, "serve.log")  # a file, not a pipe nobody reads while it runs
-    process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", path, "--port", str(port), "--max-batch",
-                                str(max(CLIENTS))], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    with open(log, "w") as errors:  # the process keeps its own copy of the file
+        process = subprocess.Popen([sys.executable, "serve.py", "--checkpoint", path, "--port", str(port),
+                                    "--max-batch", str(max(CLIENTS))], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errors)
     deadline = time.time() + 120
     while True:
         if process.poll() is not None:
@@ -90,8 +83,9 @@ def clients_at_once(port, count, new_tokens):
     ready = threading.Barrier(count + 1)
 
     def client(i):
-        body = {"prompt": prompt(i), "max_tokens": new_tokens, "stream": True, **SAMPLING}
-        body.pop("top_k")  # OpenAI has none: the server takes none
+        # SAMPLING without top_k, which OpenAI's API (so the server) has not
+        body = {"prompt": prompt(i), "max_tokens": new_tokens, "stream": True,
+                "temperature": SAMPLING["temperature"], "top_p": SAMPLING["top_p"]}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         ready.wait()
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -135,7 +129,7 @@ def main():
     runs = {side: [] for side in sides}
     details = {n: {"first": [], "gaps": []} for n in CLIENTS}
     with tempfile.TemporaryDirectory() as folder:
-        args.port = args.port or free_port()
+        args.port = args.port or processes.free_port()
         server, model = start_server(folder, args.port, args.checkpoint)
         model = model.to(runtime.device).eval()
         generate_prompt = [EOT] + encode(prompt(0))
@@ -157,13 +151,8 @@ def main():
             server.terminate()
             server.wait()
 
-    def median(side):
-        return statistics.median(runs[side])
-
     rows, figures = [], {}
     for kind, n in sides:
-        if kind == "generate" and n != 1 and ("generate", n) in figures:
-            continue
         spread = report.spread(runs[(kind, n)])
         row = [f"{kind}: {'batch' if kind == 'generate' else 'clients'} {n}", spread["min"], spread["median"], spread["max"]]
         figures[f"{kind}_{n}"] = {"tokens_per_s": spread}
@@ -176,12 +165,16 @@ def main():
         else:
             row += ["", ""]
         rows.append(row)
-    print(f"{model.num_params(non_embedding=False) / 1e6:.0f}M parameters, {runtime.device}, {runtime.dtype_name}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens "
-          f"a client, {args.repeats} repeats, sides taking turns")
+    print(f"{model.num_params(non_embedding=False) / 1e6:.0f}M parameters, {runtime.device}, {runtime.dtype_name}, "
+          f"{torch.get_num_threads()} threads, {args.new_tokens} new tokens a client, {args.repeats} repeats, "
+          "sides taking turns")
     report.table(["side", "tok/s min", "median", "max", "first token s p50 / p95", "between tokens ms p50 / p95"], rows)
-    goals = {"8 clients / 1 client": median(("serve", 8)) / median(("serve", 1)),
-             "8 clients / generate batch 8": median(("serve", 8)) / median(("generate", 8)),
-             "1 client / generate batch 1": median(("serve", 1)) / median(("generate", 1))}
+    def median(side):
+        return figures[side]["tokens_per_s"]["median"]
+
+    goals = {"8 clients / 1 client": median("serve_8") / median("serve_1"),
+             "8 clients / generate batch 8": median("serve_8") / median("generate_8"),
+             "1 client / generate batch 1": median("serve_1") / median("generate_1")}
     for name, ratio in goals.items():
         print(f"{name}: {ratio:.2f}x")
     report.save(args.name, {**figures, "ratios": goals},

@@ -32,7 +32,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from typing import Callable
 
 import demo_corpus
 import settings
-from bench.processes import descendants
+from bench import processes
 from documents import qa_document
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +52,6 @@ PYTHON = sys.executable
 # real HellaSwag rows, where HELLASWAG_PATH names none: carried to the GPU (bench/gpu_env.sh), or beside the checkout
 REAL_HELLASWAG = (ROOT / ".gpu_data" / "hellaswag_val.jsonl",
                   ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl")
-# every variable our scripts read: each step sets its own, and the caller's shell must not add to them
-CLEARED = settings.names() | settings.TORCHRUN
 RESUMED_UPDATES = 3
 CONVERSATION = "temp 0.5\nWhat is 12 + 30?\ntokens 20\nHow far does a car go at 10 m/s for 5 s?\nquit\n"
 
@@ -376,9 +373,8 @@ def hellaswag_rows(folder):
 def environment(variables):
     """A step's environment: this process's, less every variable of ours the caller's shell may hold,
     plus the step's own."""
-    inherited = {name: value for name, value in os.environ.items() if name not in CLEARED}
     # unbuffered: each line is timed as it is printed; offline: the GPU machine has no network to wait for
-    return {**inherited, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **variables}
+    return settings.cleared_environment(**{"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **variables})
 
 
 def collect(pipe, stream, lines, start):
@@ -406,10 +402,7 @@ def run(job, timeout_s):
         returncode = None
     finally:
         if process.poll() is None:
-            for pid in [process.pid, *descendants(process.pid)]:  # the whole tree is listed before any dies
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            process.wait()
+            processes.kill_tree(process)
     for reader in readers:
         reader.join()
     return Output(returncode, time.perf_counter() - start, lines)
@@ -417,9 +410,7 @@ def run(job, timeout_s):
 
 def error_line(output):
     """The script's own one-line error (the last `Error:` line on stderr), else its last stderr line."""
-    errors = [text.strip() for _, stream, text in output.lines if stream == "err" and text.strip()]
-    chosen = [text for text in errors if text.startswith("Error:")] or errors
-    return chosen[-1] if chosen else f"exit code {output.returncode}"
+    return processes.error_line([text for _, stream, text in output.lines if stream == "err"], output.returncode)
 
 
 def check(step, work, passed, log, seconds_left=math.inf):

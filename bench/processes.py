@@ -1,7 +1,11 @@
 """Other processes, as Linux's /proc shows them: the benchmarks and bench/gpu_check.py watch and stop
-the workers torchrun starts (in sessions of their own, which no signal to its process group reaches)."""
+the workers torchrun starts (in sessions of their own, which no signal to its process group reaches),
+and the servers they start on a free port."""
 
 import contextlib
+import os
+import signal
+import socket
 from pathlib import Path
 
 
@@ -18,6 +22,28 @@ def descendants(pid):
         found += started
         unvisited += started
     return found
+
+
+def kill_tree(process):
+    """SIGKILL a Popen and everything it started (the whole tree is listed before any dies), and reap it."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        with contextlib.suppress(ProcessLookupError):  # one that ended meanwhile
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def error_line(lines, returncode):
+    """A script's own one-line error among its stderr lines (the last `Error:` line), else its last line."""
+    errors = [text.strip() for text in lines if text.strip()]
+    chosen = [text for text in errors if text.startswith("Error:")] or errors
+    return chosen[-1] if chosen else f"exit code {returncode}"
+
+
+def free_port():
+    """Return a TCP port of this machine that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def status_bytes(pid, field):

@@ -2,13 +2,17 @@
 (figures, configuration, torch version, device, threads) under bench/results/."""
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
+
+from device import cpu_has_native_bf16
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -48,11 +52,21 @@ def spread(values):
 
 def environment(device="cpu"):
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": device,
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "processor": platform.processor(),
+            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "processor": processor(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def processor():
+    """The CPU's model name (Linux's /proc/cpuinfo; platform.processor() is empty there), and whether it
+    computes bf16 in hardware: the hosts of one kind differ in both."""
+    name = platform.processor()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), name)
+    return f"{name}{' (bf16)' if cpu_has_native_bf16() else ''}"
 
 
 def table(headers, rows):

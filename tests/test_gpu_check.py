@@ -1,6 +1,6 @@
 """bench/gpu_check.py, the check of every CUDA path on a lent GPU, through its dry run: the very
 sequence of steps, each a real script in its own process, with a tiny model on this CPU. One dry run
-(about 30 s here, mostly the processes' start-up) serves every assertion about it.
+(about 35 s here, mostly the processes' start-up) serves every assertion about it.
 """
 
 import json
@@ -52,7 +52,7 @@ def test_dry_run_figures(dry_run):
     assert steps["data"]["tokens"] > 100_000
     for name in ("train", "fp16", "fsdp"):
         assert steps[name]["tok/s"] > 0
-        assert "peak MiB" in steps[name]  # a number where train.py records it, else null
+        assert steps[name]["peak MiB"] > 0  # train.py records it on a Linux CPU too (the process's peak RSS)
     assert steps["evaluate"]["examples"] == gpu_check.DRY_RUN.hellaswag_rows
     assert steps["evaluate"]["examples/s"] > 0
     assert steps["generate"]["generation s"] > 0

@@ -2,7 +2,6 @@
 settings accept; demo.env trains, the shell's variables winning over the file's."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,12 +33,6 @@ def file_variables(path):
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
-def clean_environment(**chosen):
-    """This process's environment without any setting (the shell must not add to a recipe's)."""
-    names = settings.names() | settings.TORCHRUN
-    return {**{k: v for k, v in os.environ.items() if k not in names}, **chosen}
-
-
 def test_there_is_a_recipe_for_each_documented_run():
     assert [path.name for path in RECIPES] == ["demo.env", "finetune-gpt2.env", "fsdp-gpt2-large.env", "gpt2-124m.env",
                                                "muon-small.env", "shakespeare.env"]
@@ -51,7 +44,7 @@ def test_a_recipe_holds_settings_only_and_loads_through_uv(recipe):
     assert variables and set(variables) <= settings.names(), set(variables) - settings.names()
     assert recipe.read_text().startswith(f"# {recipe.name}: "), "a comment block first: what it trains, time, result"
     result = subprocess.run([UV, "run", "--no-sync", "--env-file", str(recipe), sys.executable, "-c", READ_BACK,
-                             *variables], cwd=ROOT, env=clean_environment(), capture_output=True, text=True, timeout=60)
+                             *variables], cwd=ROOT, env=settings.cleared_environment(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr == "", result.stderr  # no error, no misspelling warning
     read = json.loads(result.stdout)
     assert read["environment"] == variables
@@ -69,7 +62,7 @@ def parsed(text, default):
 
 
 def test_the_demo_recipe_trains_and_the_shell_wins(demo_dataset, tmp_path):
-    env = clean_environment(DATASET_PATH=str(demo_dataset), LOG_DIR=str(tmp_path), MAX_STEPS="3", EVAL_INTERVAL="2",
+    env = settings.cleared_environment(DATASET_PATH=str(demo_dataset), LOG_DIR=str(tmp_path), MAX_STEPS="3", EVAL_INTERVAL="2",
                             OMP_NUM_THREADS="1")
     result = subprocess.run([UV, "run", "--no-sync", "--env-file", str(ROOT / "recipes" / "demo.env"), "train.py"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -8,7 +8,6 @@ import csv
 import json
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -26,7 +25,6 @@ import device
 import metrics
 import plot_metrics
 import shards
-import tokenizer
 import train
 from model import GPT
 from settings import GPTConfig, TrainConfig
